@@ -1,0 +1,50 @@
+# buildq — everything a developer or CI needs, from a machine with Python 3.11 and make.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+WORKERS ?= 2
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+
+.PHONY: help install run test lint fmt clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) uv.lock pyproject.toml shared/pyproject.toml services/api/pyproject.toml services/worker/pyproject.toml ops/pyproject.toml
+	$(UV) sync --locked --all-packages --all-extras
+	@touch $@
+
+install: $(VENV)/.installed ## Create .venv from the lock file
+
+run: install ## Start the emulator, the API on :8000 and $(WORKERS) workers (Ctrl-C stops all)
+	@echo "buildq: API http://127.0.0.1:8000 (docs at /docs), AWS emulator http://127.0.0.1:4566, $(WORKERS) workers"
+	@echo "        try: curl -s -X POST localhost:8000/v1/projects -H 'content-type: application/json' -d '{\"name\":\"hello\",\"workflow\":\"demo\"}'"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho --env dev.env start --concurrency worker=$(WORKERS)
+
+lint: install ## ruff + mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared/src services/api/src services/worker/src ops/src tests
+
+fmt: install ## Format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint ## Lint, then the whole test suite (starts its own emulator, API and workers)
+	$(BIN)/pytest
+
+clean: ## Remove the virtualenvs and caches
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,87 @@
+"""``buildq``: the operator CLI. Exit codes: 0 ok, 1 error, 2 bad usage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated
+
+import typer
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from buildq.aws import aws_clients
+from buildq.errors import BuildqError, UnavailableError
+from buildq.logging import configure_logging
+from buildq.resources import BootstrapResult, bootstrap
+from buildq.settings import Settings
+from buildq_ops.emulator import running_emulator, wait_for_signal
+
+app = typer.Typer(
+    help="Operate buildq: create its AWS resources, run the local emulator.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+async def _bootstrap(settings: Settings, wait: float) -> BootstrapResult:
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(UnavailableError),
+        stop=stop_after_delay(wait),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        reraise=True,
+    ):
+        with attempt:
+            async with aws_clients(settings) as clients:
+                return await bootstrap(clients, settings)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _print_bootstrap(result: BootstrapResult) -> None:
+    verb = "created" if result.table_created else "exists "
+    typer.echo(f"table  {verb} {result.table_name}")
+    typer.echo(f"queue          {result.queue_url}")
+    typer.echo(f"dlq            {result.dlq_url}")
+
+
+@app.command("bootstrap")
+def bootstrap_command(
+    wait: Annotated[
+        float, typer.Option(help="Seconds to keep retrying while AWS is unreachable")
+    ] = 30.0,
+) -> None:
+    """Create the DynamoDB table, the build queue and its dead-letter queue (idempotent)."""
+    settings = Settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format, service="ops")
+    try:
+        result = asyncio.run(_bootstrap(settings, wait))
+    except BuildqError as exc:
+        typer.echo(f"error: bootstrap failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_bootstrap(result)
+
+
+@app.command("emulator")
+def emulator_command(
+    host: Annotated[str, typer.Option(help="Address to bind (keep it on loopback)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 4566,
+    with_bootstrap: Annotated[
+        bool, typer.Option("--bootstrap/--no-bootstrap", help="Create buildq's resources in it")
+    ] = False,
+) -> None:
+    """Run the embedded AWS emulator (moto server) in the foreground until Ctrl-C."""
+    try:
+        emulator = running_emulator(host, port)
+        endpoint = emulator.__enter__()
+    except (OSError, RuntimeError) as exc:
+        typer.echo(f"error: cannot start the emulator on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        typer.echo(f"AWS emulator (moto) listening on {endpoint}", err=True)
+        if with_bootstrap:
+            os.environ["AWS_ENDPOINT_URL"] = endpoint
+            settings = Settings()
+            _print_bootstrap(asyncio.run(_bootstrap(settings, 10)))
+        wait_for_signal()
+    finally:
+        emulator.__exit__(None, None, None)

@@ -1,0 +1,59 @@
+"""The FastAPI application: built by ``create_app(settings)``, no import-time globals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+
+from buildq.aws import aws_clients
+from buildq.queue import SqsBuildQueue
+from buildq.settings import ApiSettings
+from buildq.store import DynamoProjectStore
+from buildq.workflows.registry import load_registry
+from buildq_api.middleware import RequestContextMiddleware
+from buildq_api.problems import install_problem_handlers
+from buildq_api.routes import health, projects
+
+DESCRIPTION = """
+buildq runs long build workflows behind an HTTP API. `POST /v1/projects` records
+the project and queues its build, answering `202 Accepted` at once; a separately
+scaled worker fleet runs it. Poll `GET /v1/projects/{id}` for its status
+(`QUEUED → BUILDING → SUCCEEDED | FAILED | CANCELLED`) and per-stage snapshots.
+Every error is an RFC 9457 `application/problem+json` body.
+"""
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+    registry = load_registry(settings.workflows)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with aws_clients(settings) as clients:
+            app.state.store = DynamoProjectStore(clients.dynamodb, settings.table_name)
+            app.state.queue = SqsBuildQueue(clients.sqs, settings.queue_name, settings.dlq_name)
+            structlog.get_logger().info(
+                "api.started", table=settings.table_name, queue=settings.queue_name
+            )
+            yield
+
+    app = FastAPI(
+        title="buildq",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "projects", "description": "Create projects and follow their builds"},
+            {"name": "health", "description": "Probes for load balancers and orchestrators"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    install_problem_handlers(app)
+    app.include_router(projects.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,105 @@
+"""Pure ASGI middleware (no per-request task or body copy): request ids, the body
+size limit, and one canonical log line per request."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from buildq_api.problems import PROBLEM_JSON, problem_body
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    """Binds ``request_id`` (taken from X-Request-ID if sane) to every log line and
+    echoes it on the response; refuses bodies over ``max_body_bytes`` with 413;
+    logs ``request.finished`` with the status and duration."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(REQUEST_ID_HEADER, b"")
+        request_id = given.decode() if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER, request_id.encode()),
+                ]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLargeError
+            return message
+
+        try:
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise _BodyTooLargeError
+            await self.app(scope, limited_receive, send_with_id)
+        except _BodyTooLargeError:
+            if response_started:
+                raise
+            await self._too_large(scope, send_with_id)
+        finally:
+            structlog.get_logger().info(
+                "request.finished",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        body = json.dumps(
+            problem_body(
+                413,
+                f"Request body exceeds {self.max_body_bytes} bytes",
+                instance=scope["path"],
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", PROBLEM_JSON.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

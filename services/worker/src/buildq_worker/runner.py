@@ -1,0 +1,136 @@
+"""Runs one claimed project's workflow, stage by stage, writing each snapshot.
+
+Every write is fenced by the run's token (owner + attempt). The runner never
+decides the project's final state in the table; it returns a ``RunResult`` and
+the worker settles it (finish, requeue or dead-letter) together with the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from buildq.clock import now_iso
+from buildq.models import ErrorInfo, Project, StageSnapshot
+from buildq.store import ProjectStore, RunToken
+from buildq.transitions import pending_stages, stage_finished, stage_started
+from buildq.workflows.base import (
+    CancelledByRequestError,
+    JsonObject,
+    PermanentError,
+    RetryableError,
+    Stage,
+    StageContext,
+    Workflow,
+)
+
+MAX_OUTPUT_BYTES = 8 * 1024  # keeps the whole project item far below DynamoDB's 400 KB
+
+
+class RunStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # retryable unless ``permanent``
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    status: RunStatus
+    stages: Sequence[StageSnapshot]  # snapshots still to write with the final state
+    error: ErrorInfo | None = None
+    permanent: bool = False
+    retry_delay: float | None = None  # a RetryableError's own delay, if it gave one
+
+
+class StageOutputError(PermanentError):
+    """A stage returned something that is not a small JSON object."""
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(type=type(exc).__name__, message=str(exc) or repr(exc))
+
+
+def _checked_output(stage: str, output: Any) -> JsonObject | None:
+    if output is None:
+        return None
+    if not isinstance(output, dict):
+        raise StageOutputError(f"stage {stage!r} returned {type(output).__name__}, not a dict")
+    try:
+        size = len(json.dumps(output, separators=(",", ":")))
+    except (TypeError, ValueError) as exc:
+        raise StageOutputError(f"stage {stage!r} output is not JSON: {exc}") from None
+    if size > MAX_OUTPUT_BYTES:
+        raise StageOutputError(f"stage {stage!r} output is {size} bytes; max {MAX_OUTPUT_BYTES}")
+    return output
+
+
+async def _call(stage: Stage, ctx: StageContext) -> Any:
+    if inspect.iscoroutinefunction(stage.fn):
+        return await stage.fn(ctx)
+    # Sync stage code runs in a thread so it never stalls heartbeats.
+    result = await asyncio.to_thread(stage.fn, ctx)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def run_workflow(
+    *,
+    project: Project,
+    workflow: Workflow,
+    store: ProjectStore,
+    token: RunToken,
+    log: Any,
+    default_stage_timeout: float,
+    cancel_event: asyncio.Event,
+) -> RunResult:
+    """Run the stages still pending, in order; resumed projects skip finished ones."""
+    snapshots = {stage.name: stage for stage in project.stages}
+    finished: StageSnapshot | None = None  # written together with the next write
+    for name in pending_stages(project):
+        if cancel_event.is_set():
+            return RunResult(RunStatus.CANCELLED, [s for s in (finished,) if s])
+        stage = workflow.stage(name)
+        started = stage_started(
+            snapshots[name], attempt=token.attempt, worker_id=token.worker_id, now=now_iso()
+        )
+        await store.save_stages(token, *[s for s in (finished, started) if s])
+        stage_log = log.bind(stage=name)
+        stage_log.info("stage.started")
+        ctx = StageContext(
+            project=project,
+            stage=name,
+            attempt=token.attempt,
+            idempotency_key=f"{project.project_id}:{name}",
+            log=stage_log,
+            cancel_event=cancel_event,
+        )
+        try:
+            async with asyncio.timeout(stage.timeout or default_stage_timeout):
+                output = _checked_output(name, await _call(stage, ctx))
+        except CancelledByRequestError as exc:
+            stopped = stage_finished(started, now=now_iso(), error=_error_info(exc))
+            return RunResult(RunStatus.CANCELLED, [stopped])
+        except Exception as exc:  # every failure of user code is reported, none escapes
+            error = _error_info(exc)
+            if isinstance(exc, TimeoutError):
+                error = ErrorInfo(
+                    type="StageTimeoutError",
+                    message=f"stage {name!r} exceeded {stage.timeout or default_stage_timeout}s",
+                )
+            stage_log.warning("stage.failed", error_type=error.type, error=error.message)
+            return RunResult(
+                RunStatus.FAILED,
+                [stage_finished(started, now=now_iso(), error=error)],
+                error=error,
+                permanent=isinstance(exc, PermanentError),
+                retry_delay=exc.delay if isinstance(exc, RetryableError) else None,
+            )
+        finished = stage_finished(started, now=now_iso(), output=output)
+        stage_log.info("stage.finished")
+    return RunResult(RunStatus.SUCCEEDED, [s for s in (finished,) if s])

@@ -1,0 +1,46 @@
+"""buildq's own errors. Adapters translate botocore errors into these, so nothing
+above the adapters imports botocore."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BuildqError(Exception):
+    """Base of every buildq error."""
+
+
+class NotFoundError(BuildqError):
+    """The record does not exist (or belongs to another tenant)."""
+
+
+class ConflictError(BuildqError):
+    """A conditional write lost: the record is not in the state the write needs.
+
+    ``item`` is the record as it was (``ReturnValuesOnConditionCheckFailure``),
+    so the loser learns who won without another read; ``None`` if it is missing.
+    """
+
+    def __init__(self, message: str, item: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.item = item
+
+
+class LeaseLostError(ConflictError):
+    """This run no longer owns the project: another worker took it over."""
+
+
+class UnavailableError(BuildqError):
+    """AWS could not be reached, or kept throttling, after bounded retries."""
+
+
+class InvalidTransitionError(BuildqError):
+    """A state change that the project state machine does not allow."""
+
+
+class UnknownWorkflowError(BuildqError):
+    """No workflow is registered under that name."""
+
+
+class MessageError(BuildqError):
+    """A queue message that cannot be understood (poison)."""

@@ -1,0 +1,75 @@
+"""The versioned build-message contract.
+
+A message carries ids, never the project's spec (claim-check pattern): the
+DynamoDB record is the truth, the message is only a wake-up. Consumers must
+tolerate duplicates, reordering and stale messages.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from buildq.clock import now_iso
+from buildq.errors import MessageError
+
+SCHEMA_VERSION = 1
+
+
+class BuildReason(StrEnum):
+    CREATE = "create"
+    RETRY = "retry"
+    REPLAY = "replay"
+    SWEEP = "sweep"
+
+
+class BuildMessage(BaseModel):
+    """``{"schema": 1, "tenant_id", "project_id", "reason", "enqueued_at", "traceparent"}``"""
+
+    # Unknown fields are ignored so a newer producer of the same schema version
+    # can add optional fields without poisoning older consumers.
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    schema_version: Literal[1] = Field(alias="schema")
+    tenant_id: str = Field(min_length=1, max_length=128)
+    project_id: str = Field(min_length=1, max_length=64)
+    reason: BuildReason
+    enqueued_at: str = Field(default_factory=now_iso)
+    traceparent: str | None = None
+
+    def encode(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+def build_message(
+    tenant_id: str, project_id: str, reason: BuildReason, traceparent: str | None = None
+) -> BuildMessage:
+    return BuildMessage(
+        schema=SCHEMA_VERSION,
+        tenant_id=tenant_id,
+        project_id=project_id,
+        reason=reason,
+        traceparent=traceparent,
+    )
+
+
+def decode(body: str | bytes) -> BuildMessage:
+    """Parse a message body, or raise ``MessageError`` saying exactly what is wrong."""
+    try:
+        raw = BuildMessage.__pydantic_validator__.validate_json(body, strict=False)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        if first["type"] == "json_invalid":
+            raise MessageError(f"message body is not JSON: {first['msg']}") from None
+        if where == "schema" and first["type"] == "missing":
+            raise MessageError("message has no schema version") from None
+        if where == "schema" and first["type"] == "literal_error":
+            raise MessageError(
+                f"unknown message schema {first.get('input')!r}; this consumer reads {SCHEMA_VERSION}"
+            ) from None
+        raise MessageError(f"invalid message: {where}: {first['msg']}") from None
+    assert isinstance(raw, BuildMessage)
+    return raw

@@ -1,0 +1,88 @@
+"""The domain model: a project, its status and one snapshot per stage."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ProjectStatus(StrEnum):
+    QUEUED = "QUEUED"
+    BUILDING = "BUILDING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {ProjectStatus.SUCCEEDED, ProjectStatus.FAILED, ProjectStatus.CANCELLED}
+)
+ACTIVE_STATUSES = frozenset({ProjectStatus.QUEUED, ProjectStatus.BUILDING})
+
+
+class StageStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+
+
+class ErrorInfo(BaseModel):
+    """Why something failed: the exception type and its message."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str = Field(examples=["TransientStageError"])
+    message: str = Field(examples=["stage 'build' failed (attempt 1 of 2 injected failures)"])
+
+
+class StageSnapshot(BaseModel):
+    """The last known state of one stage of a project's workflow."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    status: StageStatus = StageStatus.PENDING
+    attempt: int = Field(0, description="The project attempt that last ran this stage")
+    worker_id: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    output: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class Project(BaseModel):
+    """A project as stored: the record of truth for its build."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant_id: str
+    project_id: str
+    name: str
+    workflow: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    status: ProjectStatus = ProjectStatus.QUEUED
+    attempt: int = Field(0, description="Incremented by every claim: the fencing token")
+    created_at: str
+    updated_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    last_error: ErrorInfo | None = None
+    worker_id: str | None = Field(None, description="The worker that last claimed the project")
+    lease_owner: str | None = None
+    lease_expires_at: int | None = Field(None, description="Lease expiry, epoch milliseconds")
+    cancel_requested: bool = False
+    stages: tuple[StageSnapshot, ...] = ()
+
+    def stage(self, name: str) -> StageSnapshot:
+        for snapshot in self.stages:
+            if snapshot.name == name:
+                return snapshot
+        raise KeyError(name)

@@ -1,0 +1,173 @@
+"""The build queue and its dead-letter queue: every SQS call buildq makes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from buildq.aws import translate_errors
+from buildq.clock import now_iso
+from buildq.messages import BuildMessage
+from buildq.models import ErrorInfo
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import MessageAttributeValueTypeDef
+
+SQS_BATCH = 10  # SQS's own limit for ReceiveMessage and every *Batch call
+
+# Message attributes a dead-lettered message carries: why it failed.
+DLQ_ERROR_TYPE = "buildq-error-type"
+DLQ_ERROR_MESSAGE = "buildq-error-message"
+DLQ_ATTEMPTS = "buildq-attempts"
+DLQ_WORKER_ID = "buildq-worker-id"
+DLQ_FAILED_AT = "buildq-failed-at"
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    message_id: str
+    receipt_handle: str
+    body: str
+    receive_count: int
+    sent_at_ms: int
+    attributes: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Why a message is being dead-lettered."""
+
+    error: ErrorInfo
+    attempts: int
+    worker_id: str
+
+
+class BuildQueue(Protocol):
+    async def send(self, message: BuildMessage, *, delay_seconds: int = 0) -> str: ...
+    async def receive(
+        self, max_messages: int, *, wait_seconds: int, visibility_timeout: int
+    ) -> list[ReceivedMessage]: ...
+    async def delete(self, receipt_handle: str) -> None: ...
+    async def change_visibility(self, receipt_handle: str, timeout: int) -> None: ...
+    async def change_visibility_batch(
+        self, receipt_handles: Sequence[str], timeout: int
+    ) -> list[str]: ...
+    async def dead_letter(self, body: str, reason: DeadLetter) -> str: ...
+    async def ping(self) -> None: ...
+
+
+class SqsBuildQueue:
+    """``BuildQueue`` on SQS (async, aiobotocore). Queue URLs are looked up once."""
+
+    def __init__(self, client: SQSClient, queue_name: str, dlq_name: str) -> None:
+        self._client = client
+        self._names = (queue_name, dlq_name)
+        self._urls: tuple[str, str] | None = None
+        self._lock = asyncio.Lock()
+
+    async def urls(self) -> tuple[str, str]:
+        """(build queue URL, dead-letter queue URL)."""
+        if self._urls is None:
+            async with self._lock:
+                if self._urls is None:
+                    with translate_errors("GetQueueUrl"):
+                        main = await self._client.get_queue_url(QueueName=self._names[0])
+                        dlq = await self._client.get_queue_url(QueueName=self._names[1])
+                    self._urls = (main["QueueUrl"], dlq["QueueUrl"])
+        return self._urls
+
+    async def send(self, message: BuildMessage, *, delay_seconds: int = 0) -> str:
+        url, _ = await self.urls()
+        with translate_errors("SendMessage"):
+            response = await self._client.send_message(
+                QueueUrl=url, MessageBody=message.encode(), DelaySeconds=delay_seconds
+            )
+        return response["MessageId"]
+
+    async def receive(
+        self, max_messages: int, *, wait_seconds: int, visibility_timeout: int
+    ) -> list[ReceivedMessage]:
+        url, _ = await self.urls()
+        with translate_errors("ReceiveMessage"):
+            response = await self._client.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=max(1, min(max_messages, SQS_BATCH)),
+                WaitTimeSeconds=wait_seconds,
+                VisibilityTimeout=visibility_timeout,
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+                MessageAttributeNames=["All"],
+            )
+        return [
+            ReceivedMessage(
+                message_id=raw["MessageId"],
+                receipt_handle=raw["ReceiptHandle"],
+                body=raw["Body"],
+                receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+                sent_at_ms=int(raw.get("Attributes", {}).get("SentTimestamp", 0)),
+                attributes={
+                    name: value.get("StringValue", "")
+                    for name, value in raw.get("MessageAttributes", {}).items()
+                },
+            )
+            for raw in response.get("Messages", [])
+        ]
+
+    async def delete(self, receipt_handle: str) -> None:
+        url, _ = await self.urls()
+        with translate_errors("DeleteMessage"):
+            await self._client.delete_message(QueueUrl=url, ReceiptHandle=receipt_handle)
+
+    async def change_visibility(self, receipt_handle: str, timeout: int) -> None:
+        url, _ = await self.urls()
+        with translate_errors("ChangeMessageVisibility"):
+            await self._client.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=receipt_handle, VisibilityTimeout=timeout
+            )
+
+    async def change_visibility_batch(
+        self, receipt_handles: Sequence[str], timeout: int
+    ) -> list[str]:
+        """Change many visibilities in batches of ten; returns the handles that failed."""
+        url, _ = await self.urls()
+        failed: list[str] = []
+        for start in range(0, len(receipt_handles), SQS_BATCH):
+            chunk = receipt_handles[start : start + SQS_BATCH]
+            with translate_errors("ChangeMessageVisibilityBatch"):
+                response = await self._client.change_message_visibility_batch(
+                    QueueUrl=url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": timeout}
+                        for i, handle in enumerate(chunk)
+                    ],
+                )
+            failed += [chunk[int(entry["Id"])] for entry in response.get("Failed", [])]
+        return failed
+
+    async def dead_letter(self, body: str, reason: DeadLetter) -> str:
+        """Put ``body`` on the DLQ with attributes saying why it failed."""
+        _, dlq = await self.urls()
+        attributes: dict[str, MessageAttributeValueTypeDef] = {
+            DLQ_ERROR_TYPE: {"DataType": "String", "StringValue": reason.error.type},
+            DLQ_ERROR_MESSAGE: {
+                "DataType": "String",
+                "StringValue": reason.error.message[:1024] or "-",
+            },
+            DLQ_ATTEMPTS: {"DataType": "Number", "StringValue": str(reason.attempts)},
+            DLQ_WORKER_ID: {"DataType": "String", "StringValue": reason.worker_id},
+            DLQ_FAILED_AT: {"DataType": "String", "StringValue": now_iso()},
+        }
+        with translate_errors("SendMessage(dlq)"):
+            response = await self._client.send_message(
+                QueueUrl=dlq, MessageBody=body, MessageAttributes=attributes
+            )
+        return response["MessageId"]
+
+    async def ping(self) -> None:
+        url, _ = await self.urls()
+        with translate_errors("GetQueueAttributes"):
+            await self._client.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
+            )

@@ -1,0 +1,95 @@
+"""Configuration, read from the environment with the ``BUILDQ_`` prefix.
+
+The AWS endpoint is deliberately *not* a buildq setting: botocore reads the
+standard ``AWS_ENDPOINT_URL`` itself, so the same code talks to moto,
+LocalStack or AWS without knowing which.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Settings(BaseSettings):
+    """Settings every buildq process shares: resources, AWS client tuning, logging."""
+
+    model_config = SettingsConfigDict(env_prefix="BUILDQ_", extra="ignore", frozen=True)
+
+    table_name: str = Field("buildq-projects", description="DynamoDB table for projects")
+    queue_name: str = Field("buildq-builds", description="SQS build queue")
+    dlq_name: str = Field("buildq-builds-dlq", description="SQS dead-letter queue")
+    aws_region: str = Field(
+        "us-east-1",
+        validation_alias=AliasChoices("BUILDQ_AWS_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+        description="AWS region (the standard AWS_REGION is honoured)",
+    )
+    aws_connect_timeout: float = Field(2.0, gt=0, description="botocore connect timeout, s")
+    aws_read_timeout: float = Field(
+        30.0, gt=0, description="botocore read timeout, s (above the 20 s long poll)"
+    )
+    aws_max_attempts: int = Field(3, ge=1, description="botocore attempts per AWS call")
+    aws_max_pool_connections: int = Field(50, ge=1, description="HTTP connections per client")
+
+    max_attempts: int = Field(
+        3, ge=1, description="Workflow attempts before a project is FAILED and dead-lettered"
+    )
+    default_tenant: str = Field("demo", description="Tenant used until API keys are configured")
+    workflows: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra workflows to register, comma-separated `module:attribute` paths",
+    )
+
+    log_level: str = Field("INFO", description="Log level")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto = pretty on a terminal, JSON otherwise"
+    )
+
+    @field_validator("workflows", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class ApiSettings(Settings):
+    """Settings of the API service."""
+
+    api_host: str = Field("127.0.0.1", description="API bind address")
+    api_port: int = Field(8000, ge=1, le=65535, description="API port")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body")
+
+
+class WorkerSettings(Settings):
+    """Settings of the worker service."""
+
+    worker_id: str = Field(default_factory=default_worker_id, description="Unique worker id")
+    max_workflow_workers: int = Field(
+        5, ge=1, le=100, description="Workflows one worker process runs at once"
+    )
+    receive_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait")
+    visibility_timeout: int = Field(
+        60, ge=1, le=43200, description="Visibility timeout set at receive, s"
+    )
+    lease_seconds: int = Field(60, ge=1, description="Project lease length, s")
+    stage_timeout: float = Field(3600.0, gt=0, description="Default per-stage timeout, s")
+    retry_base_seconds: float = Field(
+        2.0, ge=0, description="Backoff before a retry: base, doubled per attempt, jittered"
+    )
+    retry_cap_seconds: float = Field(300.0, ge=0, description="Longest backoff before a retry")
+    missing_project_retries: int = Field(
+        5, ge=0, description="Receives of a message whose project is missing before it is DLQ'd"
+    )
+    drain_seconds: float = Field(
+        90.0, ge=0, description="On SIGTERM, how long running workflows may finish"
+    )

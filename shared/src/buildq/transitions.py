@@ -1,0 +1,171 @@
+"""The project state machine as pure functions.
+
+The DynamoDB store enforces the same rules atomically with condition
+expressions; these functions are what the rest of the code reasons with, and
+what the unit tests pin down.
+
+    QUEUED ──claim──▶ BUILDING ──all stages ok──▶ SUCCEEDED
+      ▲                  │ transient error, attempts left ──▶ QUEUED
+      │                  │ final failure / poison ─────────▶ FAILED
+      │                  │ cancel requested ───────────────▶ CANCELLED
+      └── replay (from FAILED) / release (draining worker)
+    QUEUED ──cancel──▶ CANCELLED
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from buildq.errors import InvalidTransitionError
+from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot, StageStatus
+
+S = ProjectStatus
+
+ALLOWED: dict[ProjectStatus, frozenset[ProjectStatus]] = {
+    S.QUEUED: frozenset({S.BUILDING, S.CANCELLED}),
+    S.BUILDING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED}),
+    S.FAILED: frozenset({S.QUEUED}),
+    S.SUCCEEDED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+def check_transition(current: ProjectStatus, target: ProjectStatus) -> None:
+    if target not in ALLOWED[current]:
+        raise InvalidTransitionError(f"a {current} project cannot become {target}")
+
+
+def new_project(
+    *,
+    tenant_id: str,
+    project_id: str,
+    name: str,
+    workflow: str,
+    stage_names: Sequence[str],
+    parameters: dict[str, object],
+    now: str,
+) -> Project:
+    """A freshly accepted project: QUEUED, attempt 0, every stage PENDING."""
+    return Project(
+        tenant_id=tenant_id,
+        project_id=project_id,
+        name=name,
+        workflow=workflow,
+        parameters=parameters,
+        status=S.QUEUED,
+        attempt=0,
+        created_at=now,
+        updated_at=now,
+        stages=tuple(StageSnapshot(name=stage) for stage in stage_names),
+    )
+
+
+class ClaimRefusal(StrEnum):
+    """Why a worker may not run the project a message points at."""
+
+    MISSING = "missing"  # no record (yet): the API's write may still be landing
+    TERMINAL = "terminal"  # already finished: a duplicate or stale message
+    LEASED = "leased"  # another worker holds a live lease on it
+    NOT_CLAIMABLE = "not_claimable"  # e.g. FAILED, waiting for a replay
+
+
+def claim_refusal(current: Project | None, now_ms: int) -> ClaimRefusal | None:
+    """Whether a claim of ``current`` at ``now_ms`` must be refused, and why.
+
+    Mirrors the store's claim condition: a QUEUED project, or a BUILDING one
+    whose lease has expired, can be claimed.
+    """
+    if current is None:
+        return ClaimRefusal.MISSING
+    if current.status is S.QUEUED:
+        return None
+    if current.status is S.BUILDING:
+        if current.lease_expires_at is not None and current.lease_expires_at >= now_ms:
+            return ClaimRefusal.LEASED
+        return None
+    if current.status in (S.SUCCEEDED, S.CANCELLED):
+        return ClaimRefusal.TERMINAL
+    return ClaimRefusal.NOT_CLAIMABLE
+
+
+def claimed(
+    project: Project, *, worker_id: str, now: str, now_ms: int, lease_expires_at: int
+) -> Project:
+    """The project as a successful claim leaves it: BUILDING, next attempt, leased."""
+    refusal = claim_refusal(project, now_ms)
+    if refusal is not None:
+        raise InvalidTransitionError(f"project cannot be claimed: {refusal}")
+    return project.model_copy(
+        update={
+            "status": S.BUILDING,
+            "attempt": project.attempt + 1,
+            "lease_owner": worker_id,
+            "lease_expires_at": lease_expires_at,
+            "worker_id": worker_id,
+            "started_at": project.started_at or now,
+            "updated_at": now,
+        }
+    )
+
+
+def pending_stages(project: Project) -> list[str]:
+    """The stages still to run, in order: everything not yet SUCCEEDED or SKIPPED.
+
+    A resumed project starts at its first unfinished stage.
+    """
+    done = (StageStatus.SUCCEEDED, StageStatus.SKIPPED)
+    return [stage.name for stage in project.stages if stage.status not in done]
+
+
+def stage_started(
+    stage: StageSnapshot, *, attempt: int, worker_id: str, now: str
+) -> StageSnapshot:
+    return stage.model_copy(
+        update={
+            "status": StageStatus.RUNNING,
+            "attempt": attempt,
+            "worker_id": worker_id,
+            "started_at": now,
+            "finished_at": None,
+            "error": None,
+        }
+    )
+
+
+def stage_finished(
+    stage: StageSnapshot,
+    *,
+    now: str,
+    output: dict[str, object] | None = None,
+    error: ErrorInfo | None = None,
+) -> StageSnapshot:
+    status = StageStatus.FAILED if error is not None else StageStatus.SUCCEEDED
+    return stage.model_copy(
+        update={"status": status, "finished_at": now, "output": output, "error": error}
+    )
+
+
+class FailureOutcome(StrEnum):
+    RETRY = "retry"  # back to QUEUED, message reappears after a backoff
+    FAIL = "fail"  # FAILED, message to the dead-letter queue
+
+
+def failure_outcome(*, attempt: int, max_attempts: int, permanent: bool) -> FailureOutcome:
+    if permanent or attempt >= max_attempts:
+        return FailureOutcome.FAIL
+    return FailureOutcome.RETRY
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+
+    base_seconds: float = 1.0
+    cap_seconds: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        ceiling = min(self.cap_seconds, self.base_seconds * (2 ** max(attempt - 1, 0)))
+        return (rng or random).uniform(ceiling / 2, ceiling)
