@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from buildq.errors import ConflictError, NotFoundError, UnavailableError
+from buildq.errors import ConflictError, ResourceMissingError, UnavailableError
 from buildq.settings import Settings
 
 if TYPE_CHECKING:
@@ -83,9 +83,10 @@ def translate_errors(operation: str) -> Iterator[None]:
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _MISSING_CODES:
-            raise NotFoundError(f"{operation}: {code}") from exc
+            raise ResourceMissingError(f"{operation}: {code}") from exc
         if code == "ConditionalCheckFailedException":
-            raise ConflictError(f"{operation}: condition failed", exc.response.get("Item")) from None
+            item = cast("dict[str, Any] | None", exc.response.get("Item"))
+            raise ConflictError(f"{operation}: condition failed", item) from None
         if code in _UNAVAILABLE_CODES or status >= 500:
             raise UnavailableError(f"{operation}: {code or status}") from exc
         raise

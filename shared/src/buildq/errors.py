@@ -34,6 +34,10 @@ class UnavailableError(BuildqError):
     """AWS could not be reached, or kept throttling, after bounded retries."""
 
 
+class ResourceMissingError(UnavailableError):
+    """The table or queue does not exist (not bootstrapped yet, or misconfigured)."""
+
+
 class InvalidTransitionError(BuildqError):
     """A state change that the project state machine does not allow."""
 

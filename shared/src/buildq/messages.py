@@ -46,12 +46,14 @@ class BuildMessage(BaseModel):
 def build_message(
     tenant_id: str, project_id: str, reason: BuildReason, traceparent: str | None = None
 ) -> BuildMessage:
-    return BuildMessage(
-        schema=SCHEMA_VERSION,
-        tenant_id=tenant_id,
-        project_id=project_id,
-        reason=reason,
-        traceparent=traceparent,
+    return BuildMessage.model_validate(
+        {
+            "schema": SCHEMA_VERSION,
+            "tenant_id": tenant_id,
+            "project_id": project_id,
+            "reason": reason,
+            "traceparent": traceparent,
+        }
     )
 
 
@@ -68,7 +70,8 @@ def decode(body: str | bytes) -> BuildMessage:
             raise MessageError("message has no schema version") from None
         if where == "schema" and first["type"] == "literal_error":
             raise MessageError(
-                f"unknown message schema {first.get('input')!r}; this consumer reads {SCHEMA_VERSION}"
+                f"unknown message schema {first.get('input')!r}; "
+                f"this consumer reads {SCHEMA_VERSION}"
             ) from None
         raise MessageError(f"invalid message: {where}: {first['msg']}") from None
     assert isinstance(raw, BuildMessage)

@@ -51,9 +51,9 @@ class BuildQueue(Protocol):
         self, max_messages: int, *, wait_seconds: int, visibility_timeout: int
     ) -> list[ReceivedMessage]: ...
     async def delete(self, receipt_handle: str) -> None: ...
-    async def change_visibility(self, receipt_handle: str, timeout: int) -> None: ...
+    async def change_visibility(self, receipt_handle: str, seconds: int) -> None: ...
     async def change_visibility_batch(
-        self, receipt_handles: Sequence[str], timeout: int
+        self, receipt_handles: Sequence[str], seconds: int
     ) -> list[str]: ...
     async def dead_letter(self, body: str, reason: DeadLetter) -> str: ...
     async def ping(self) -> None: ...
@@ -120,15 +120,15 @@ class SqsBuildQueue:
         with translate_errors("DeleteMessage"):
             await self._client.delete_message(QueueUrl=url, ReceiptHandle=receipt_handle)
 
-    async def change_visibility(self, receipt_handle: str, timeout: int) -> None:
+    async def change_visibility(self, receipt_handle: str, seconds: int) -> None:
         url, _ = await self.urls()
         with translate_errors("ChangeMessageVisibility"):
             await self._client.change_message_visibility(
-                QueueUrl=url, ReceiptHandle=receipt_handle, VisibilityTimeout=timeout
+                QueueUrl=url, ReceiptHandle=receipt_handle, VisibilityTimeout=seconds
             )
 
     async def change_visibility_batch(
-        self, receipt_handles: Sequence[str], timeout: int
+        self, receipt_handles: Sequence[str], seconds: int
     ) -> list[str]:
         """Change many visibilities in batches of ten; returns the handles that failed."""
         url, _ = await self.urls()
@@ -139,7 +139,7 @@ class SqsBuildQueue:
                 response = await self._client.change_message_visibility_batch(
                     QueueUrl=url,
                     Entries=[
-                        {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": timeout}
+                        {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
                         for i, handle in enumerate(chunk)
                     ],
                 )

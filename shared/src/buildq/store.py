@@ -274,7 +274,8 @@ class DynamoProjectStore:
     async def _fenced(self, token: RunToken, update: _Update, what: str) -> None:
         owner, attempt = update.name("lease_owner"), update.name("attempt")
         condition = (
-            f"{owner} = {update.value(token.worker_id)} AND {attempt} = {update.value(token.attempt)}"
+            f"{owner} = {update.value(token.worker_id)}"
+            f" AND {attempt} = {update.value(token.attempt)}"
         )
         try:
             with translate_errors(f"UpdateItem({what})"):
@@ -291,4 +292,3 @@ class DynamoProjectStore:
                 f"{what}: project {token.project_id} is no longer held by "
                 f"{token.worker_id} at attempt {token.attempt}"
             ) from None
-

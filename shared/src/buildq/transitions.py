@@ -120,9 +120,7 @@ def pending_stages(project: Project) -> list[str]:
     return [stage.name for stage in project.stages if stage.status not in done]
 
 
-def stage_started(
-    stage: StageSnapshot, *, attempt: int, worker_id: str, now: str
-) -> StageSnapshot:
+def stage_started(stage: StageSnapshot, *, attempt: int, worker_id: str, now: str) -> StageSnapshot:
     return stage.model_copy(
         update={
             "status": StageStatus.RUNNING,

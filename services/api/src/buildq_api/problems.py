@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from buildq.errors import NotFoundError, UnavailableError, UnknownWorkflowError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from buildq.errors import NotFoundError, UnavailableError, UnknownWorkflowError
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 2
@@ -98,7 +97,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(request, exc.status_code, str(exc.detail), headers=exc.headers)
+        return problem(request, exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     @app.exception_handler(UnknownWorkflowError)
     async def _unknown_workflow(request: Request, exc: UnknownWorkflowError) -> JSONResponse:

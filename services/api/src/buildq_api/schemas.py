@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PARAMETERS_BYTES = 16 * 1024
 MAX_PARAMETERS_DEPTH = 8
@@ -102,7 +101,9 @@ class ProjectPage(BaseModel):
     """One page of a tenant's projects, newest first."""
 
     items: list[ProjectPublic]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end"
+    )
 
 
 class Problem(BaseModel):

@@ -16,13 +16,12 @@ import asyncio
 import contextlib
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
-
 from buildq.errors import (
     LeaseLostError,
     MessageError,
-    NotFoundError,
     UnavailableError,
     UnknownWorkflowError,
 )
@@ -33,6 +32,7 @@ from buildq.settings import WorkerSettings
 from buildq.store import ClaimRefusedError, ProjectStore, RunToken
 from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_outcome
 from buildq.workflows.registry import WorkflowRegistry
+
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
 
 log = structlog.get_logger()
@@ -105,7 +105,7 @@ class Worker:
                 failures += 1
                 delay = min(20.0, 0.5 * 2**failures) * random.uniform(0.5, 1.0)
                 log.warning("queue.receive_failed", error=str(exc), retry_in=round(delay, 2))
-                await self._until(None, timeout=delay)
+                await self._until(None, limit=delay)
                 continue
             failures = 0
             for message in messages:
@@ -129,10 +129,10 @@ class Worker:
         return receive.result()
 
     async def _until(
-        self, waitable: asyncio.Event | asyncio.Task[object] | None, timeout: float | None = None
+        self, waitable: asyncio.Event | asyncio.Task[Any] | None, limit: float | None = None
     ) -> None:
-        """Wait for ``waitable`` (or ``timeout``), but never past a shutdown request."""
-        waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(self._stopping.wait())}
+        """Wait for ``waitable`` (or ``limit`` seconds), but never past a shutdown request."""
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._stopping.wait())}
         owned = set(waiters)
         if isinstance(waitable, asyncio.Event):
             event_wait = asyncio.ensure_future(waitable.wait())
@@ -141,7 +141,7 @@ class Worker:
         elif waitable is not None:
             waiters.add(waitable)
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in owned:
                 waiter.cancel()
@@ -358,8 +358,7 @@ class Worker:
             try:
                 await self.queue.ping()
                 return
-            except (UnavailableError, NotFoundError) as exc:
+            except UnavailableError as exc:
                 log.info("worker.waiting_for_queue", error=str(exc))
-                await self._until(None, timeout=delay)
+                await self._until(None, limit=delay)
                 delay = min(delay * 2, 5.0)
-

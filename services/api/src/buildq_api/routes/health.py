@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from buildq.errors import UnavailableError
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from buildq.errors import UnavailableError
 from buildq_api.deps import QueueDep, StoreDep
 from buildq_api.problems import problem
 
@@ -28,7 +28,9 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "A dependency is unreachable"}},
     response_model=None,
 )
-async def readyz(request: Request, store: StoreDep, queue: QueueDep) -> dict[str, Any] | JSONResponse:
+async def readyz(
+    request: Request, store: StoreDep, queue: QueueDep
+) -> dict[str, Any] | JSONResponse:
     checks = {"dynamodb": store.ping(), "sqs": queue.ping()}
     results: dict[str, str] = {}
     for name, check in checks.items():

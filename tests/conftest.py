@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Stack, running_emulator
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded AWS emulator (moto server) on a free loopback port, for the session."""
+    with running_emulator(tmp_path_factory.mktemp("emulator")) as endpoint:
+        yield endpoint
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "rep_call", None)
+    return bool(report is None or report.failed)
+
+
+@pytest.fixture
+def make_stack(
+    emulator: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], Stack]]:
+    """Factory: a bootstrapped, isolated stack; the test starts the processes it needs."""
+    stacks: list[Stack] = []
+
+    def make() -> Stack:
+        stack = Stack(endpoint=emulator, log_dir=tmp_path)
+        stack.bootstrap()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+        if _failed(request):
+            print(stack.logs())
+
+
+@pytest.fixture
+def stack(make_stack: Callable[[], Stack]) -> Stack:
+    return make_stack()

@@ -1,0 +1,262 @@
+"""Real processes for tests: the emulator, the API under uvicorn, worker processes.
+
+Nothing here is mocked: every process is started from its console script and
+talks to the emulator over HTTP, exactly as in production.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+import httpx
+
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    check: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # not ready yet
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
+
+
+@dataclass
+class Proc:
+    """A started process and its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
+def start_process(
+    name: str, argv: list[str], env: dict[str, str], log_dir: Path
+) -> Proc:
+    log_path = log_dir / f"{name}.log"
+    handle = log_path.open("wb")
+    popen = subprocess.Popen(
+        argv, env=env, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    handle.close()
+    return Proc(name, popen, log_path)
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+    }
+
+
+@contextmanager
+def running_emulator(log_dir: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = start_process(
+        "emulator", [str(BIN / "buildq"), "emulator", "--port", str(port)], env, log_dir
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True,
+            timeout=30,
+            what="the emulator to listen",
+        )
+        yield endpoint
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Stack:
+    """One isolated buildq deployment on the shared emulator: its own table and
+    queues, and whatever API and worker processes a test starts."""
+
+    endpoint: str
+    log_dir: Path
+    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    procs: list[Proc] = field(default_factory=list)
+    api_url: str | None = None
+
+    @property
+    def table_name(self) -> str:
+        return f"buildq-test-{self.suffix}"
+
+    @property
+    def queue_name(self) -> str:
+        return f"buildq-test-{self.suffix}"
+
+    @property
+    def dlq_name(self) -> str:
+        return f"buildq-test-{self.suffix}-dlq"
+
+    def env(self, **overrides: Any) -> dict[str, str]:
+        env = {
+            **os.environ,
+            **aws_env(self.endpoint),
+            "PYTHONUNBUFFERED": "1",
+            "BUILDQ_TABLE_NAME": self.table_name,
+            "BUILDQ_QUEUE_NAME": self.queue_name,
+            "BUILDQ_DLQ_NAME": self.dlq_name,
+            "BUILDQ_LOG_FORMAT": "json",
+            "BUILDQ_RECEIVE_WAIT_SECONDS": "2",
+        }
+        env.update({f"BUILDQ_{key.upper()}": str(value) for key, value in overrides.items()})
+        return env
+
+    # -- resources -----------------------------------------------------------
+
+    def bootstrap(self) -> str:
+        result = subprocess.run(
+            [str(BIN / "buildq"), "bootstrap", "--wait", "20"],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def client(self, service: str) -> Any:
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+
+    def queue_url(self, dlq: bool = False) -> str:
+        name = self.dlq_name if dlq else self.queue_name
+        url: str = self.client("sqs").get_queue_url(QueueName=name)["QueueUrl"]
+        return url
+
+    def queue_depth(self, dlq: bool = False) -> dict[str, int]:
+        attributes = self.client("sqs").get_queue_attributes(
+            QueueUrl=self.queue_url(dlq),
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )["Attributes"]
+        return {
+            "visible": int(attributes["ApproximateNumberOfMessages"]),
+            "in_flight": int(attributes["ApproximateNumberOfMessagesNotVisible"]),
+            "delayed": int(attributes["ApproximateNumberOfMessagesDelayed"]),
+        }
+
+    def table_items(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.client("dynamodb").scan(TableName=self.table_name)[
+            "Items"
+        ]
+        return items
+
+    # -- processes -----------------------------------------------------------
+
+    def start_api(self, **settings: Any) -> str:
+        port = free_port()
+        proc = start_process(
+            f"api-{port}",
+            [str(BIN / "buildq-api")],
+            self.env(api_port=port, **settings),
+            self.log_dir,
+        )
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200,
+            timeout=30,
+            what="the API to answer /healthz",
+        )
+        self.api_url = self.api_url or url
+        return url
+
+    def start_worker(self, **settings: Any) -> Proc:
+        name = f"worker-{len([p for p in self.procs if p.name.startswith('worker')]) + 1}"
+        settings.setdefault("worker_id", f"{name}-{self.suffix}")
+        proc = start_process(name, [str(BIN / "buildq-worker")], self.env(**settings), self.log_dir)
+        self.procs.append(proc)
+        wait_until(
+            lambda: '"worker.started"' in proc.log() or not proc.alive(),
+            timeout=30,
+            what=f"{name} to start",
+        )
+        assert proc.alive(), proc.log()
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.signal(signal.SIGTERM)
+        for proc in self.procs:
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.log()[-6000:]}" for p in self.procs)
+
+    # -- the API -------------------------------------------------------------
+
+    def http(self) -> httpx.Client:
+        assert self.api_url, "start_api() first"
+        return httpx.Client(base_url=self.api_url, timeout=10)
+
+    def wait_for_status(
+        self, http: httpx.Client, project_id: str, statuses: set[str], timeout: float = 60
+    ) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            body: dict[str, Any] = http.get(f"/v1/projects/{project_id}").json()
+            return body if body["status"] in statuses else None
+
+        return wait_until(check, timeout=timeout, interval=0.2, what=f"{project_id} in {statuses}")
