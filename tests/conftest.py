@@ -1,18 +1,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Stack, running_emulator
+from tests.harness import Stack, aws_env, running_emulator
 
 
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The embedded AWS emulator (moto server) on a free loopback port, for the session."""
     with running_emulator(tmp_path_factory.mktemp("emulator")) as endpoint:
-        yield endpoint
+        # The test process itself talks to the emulator only (adapters, bootstrap).
+        saved = dict(os.environ)
+        os.environ.update(aws_env(endpoint))
+        try:
+            yield endpoint
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -50,3 +58,13 @@ def make_stack(
 @pytest.fixture
 def stack(make_stack: Callable[[], Stack]) -> Stack:
     return make_stack()
+
+
+@pytest.fixture(scope="module")
+def make_module_stack(emulator: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack with an API and no workers, shared by a module's read-only tests."""
+    stack = Stack(endpoint=emulator, log_dir=tmp_path_factory.mktemp("stack"))
+    stack.bootstrap()
+    stack.start_api()
+    yield stack
+    stack.stop()

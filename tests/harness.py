@@ -6,6 +6,7 @@ talks to the emulator over HTTP, exactly as in production.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -21,6 +22,10 @@ from typing import Any, TypeVar
 
 import boto3
 import httpx
+
+from buildq.aws import aws_clients
+from buildq.resources import bootstrap
+from buildq.settings import Settings
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -77,9 +82,7 @@ class Proc:
             return self.popen.wait()
 
 
-def start_process(
-    name: str, argv: list[str], env: dict[str, str], log_dir: Path
-) -> Proc:
+def start_process(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Proc:
     log_path = log_dir / f"{name}.log"
     handle = log_path.open("wb")
     popen = subprocess.Popen(
@@ -151,23 +154,35 @@ class Stack:
             "BUILDQ_DLQ_NAME": self.dlq_name,
             "BUILDQ_LOG_FORMAT": "json",
             "BUILDQ_RECEIVE_WAIT_SECONDS": "2",
+            "BUILDQ_DRAIN_SECONDS": "2",
         }
         env.update({f"BUILDQ_{key.upper()}": str(value) for key, value in overrides.items()})
         return env
 
     # -- resources -----------------------------------------------------------
 
-    def bootstrap(self) -> str:
-        result = subprocess.run(
-            [str(BIN / "buildq"), "bootstrap", "--wait", "20"],
-            env=self.env(),
+    def bootstrap(self) -> None:
+        """Create this stack's table and queues (in-process, over HTTP to the emulator)."""
+        settings = Settings(
+            table_name=self.table_name, queue_name=self.queue_name, dlq_name=self.dlq_name
+        )
+
+        async def run() -> None:
+            async with aws_clients(settings) as clients:
+                await bootstrap(clients, settings)
+
+        asyncio.run(run())
+
+    def cli(self, *args: str, **settings: Any) -> subprocess.CompletedProcess[str]:
+        """Run the ``buildq`` CLI against this stack."""
+        return subprocess.run(
+            [str(BIN / "buildq"), *args],
+            env=self.env(**settings),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
             check=False,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
 
     def client(self, service: str) -> Any:
         return boto3.client(

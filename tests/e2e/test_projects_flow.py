@@ -30,9 +30,7 @@ def test_twenty_concurrent_projects_succeed_and_two_workers_share_them(stack: St
     stack.start_api()
     workers = [stack.start_worker(), stack.start_worker()]
     with stack.http() as http, ThreadPoolExecutor(20) as pool:
-        created = list(
-            pool.map(lambda i: create(http, f"p{i}", stage_seconds=0.2), range(20))
-        )
+        created = list(pool.map(lambda i: create(http, f"p{i}", stage_seconds=0.2), range(20)))
         assert all(project["status"] == "QUEUED" for project in created)
         done = [stack.wait_for_status(http, p["id"], {"SUCCEEDED"}) for p in created]
     for project in done:

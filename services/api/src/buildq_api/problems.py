@@ -97,7 +97,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(request, exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        detail = str(exc.detail)
+        if exc.status_code == 413:
+            detail = f"Request body exceeds {request.app.state.settings.max_body_bytes} bytes"
+        return problem(request, exc.status_code, detail, headers=dict(exc.headers or {}))
 
     @app.exception_handler(UnknownWorkflowError)
     async def _unknown_workflow(request: Request, exc: UnknownWorkflowError) -> JSONResponse:

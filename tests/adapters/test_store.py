@@ -1,0 +1,208 @@
+"""The DynamoDB store against the emulator, over HTTP: claims, leases and fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import pytest
+from ulid import ULID
+
+from buildq.aws import aws_clients
+from buildq.clock import now_iso
+from buildq.errors import LeaseLostError
+from buildq.models import ErrorInfo, Project, ProjectStatus, StageStatus
+from buildq.settings import Settings
+from buildq.store import ClaimRefusedError, DynamoProjectStore, RunToken
+from buildq.transitions import ClaimRefusal, claimed, new_project, stage_started
+from tests.harness import Stack
+
+T = TypeVar("T")
+
+
+def run(fn: Callable[[DynamoProjectStore], Awaitable[T]], stack: Stack) -> T:
+    async def main() -> T:
+        async with store_for(stack) as store:
+            return await fn(store)
+
+    return asyncio.run(main())
+
+
+@asynccontextmanager
+async def store_for(stack: Stack) -> AsyncIterator[DynamoProjectStore]:
+    async with aws_clients(Settings()) as clients:
+        yield DynamoProjectStore(clients.dynamodb, stack.table_name)
+
+
+def a_project(tenant: str = "t1") -> Project:
+    return new_project(
+        tenant_id=tenant,
+        project_id=str(ULID()),
+        name="p",
+        workflow="demo",
+        stage_names=["plan", "build"],
+        parameters={"stage_seconds": 0.5, "nested": {"x": [1, 2.5]}},
+        now=now_iso(),
+    )
+
+
+def test_create_get_round_trip_and_missing(stack: Stack) -> None:
+    project = a_project()
+
+    async def scenario(store: DynamoProjectStore) -> tuple[Project | None, Project | None]:
+        await store.create(project)
+        return await store.get("t1", project.project_id), await store.get("t2", project.project_id)
+
+    stored, other_tenant = run(scenario, stack)
+    assert stored == project
+    assert other_tenant is None  # keyed by tenant: another tenant cannot see it
+
+
+def test_claim_takes_lease_and_attempt_like_the_pure_transition(stack: Stack) -> None:
+    project = a_project()
+
+    async def scenario(store: DynamoProjectStore) -> Project:
+        await store.create(project)
+        return await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
+
+    got = run(scenario, stack)
+    assert got.status is ProjectStatus.BUILDING
+    assert got.attempt == 1
+    assert got.lease_owner == "w1"
+    assert got.lease_expires_at is not None
+    expected = claimed(
+        project,
+        worker_id="w1",
+        now=got.updated_at,
+        now_ms=got.lease_expires_at - 30_000,
+        lease_expires_at=got.lease_expires_at,
+    )
+    assert got == expected.model_copy(update={"started_at": got.started_at})
+
+
+def test_second_claim_is_refused_while_the_lease_lives(stack: Stack) -> None:
+    project = a_project()
+
+    async def scenario(store: DynamoProjectStore) -> ClaimRefusedError:
+        await store.create(project)
+        await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
+        with pytest.raises(ClaimRefusedError) as refused:
+            await store.claim("t1", project.project_id, worker_id="w2", lease_seconds=30)
+        return refused.value
+
+    refused = run(scenario, stack)
+    assert refused.refusal is ClaimRefusal.LEASED
+    assert refused.current is not None
+    assert refused.current.lease_owner == "w1"  # the loser learns who won, without a read
+
+
+def test_expired_lease_is_taken_over_and_the_old_owner_is_fenced_out(stack: Stack) -> None:
+    project = a_project()
+
+    async def scenario(store: DynamoProjectStore) -> Project | None:
+        await store.create(project)
+        first = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=0.05)
+        old = RunToken("t1", project.project_id, "w1", first.attempt)
+        await asyncio.sleep(0.1)
+        second = await store.claim("t1", project.project_id, worker_id="w2", lease_seconds=30)
+        assert second.attempt == 2
+        stage = stage_started(first.stages[0], attempt=1, worker_id="w1", now=now_iso())
+        with pytest.raises(LeaseLostError):
+            await store.save_stages(old, stage)
+        with pytest.raises(LeaseLostError):
+            await store.extend_lease(old, 30)
+        with pytest.raises(LeaseLostError):
+            await store.finish(old, ProjectStatus.SUCCEEDED)
+        with pytest.raises(LeaseLostError):
+            await store.requeue(old, error=None)
+        return await store.get("t1", project.project_id)
+
+    after = run(scenario, stack)
+    assert after is not None
+    assert after.status is ProjectStatus.BUILDING
+    assert after.lease_owner == "w2"
+    assert after.stages[0].status is StageStatus.PENDING  # nothing of w1's landed
+
+
+def test_finish_clears_the_lease_and_later_claims_see_a_terminal_project(stack: Stack) -> None:
+    project = a_project()
+
+    async def scenario(store: DynamoProjectStore) -> tuple[Project | None, ClaimRefusal]:
+        await store.create(project)
+        got = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
+        token = RunToken("t1", project.project_id, "w1", got.attempt)
+        running = stage_started(got.stages[0], attempt=1, worker_id="w1", now=now_iso())
+        await store.save_stages(token, running)
+        await store.finish(token, ProjectStatus.SUCCEEDED)
+        with pytest.raises(ClaimRefusedError) as refused:
+            await store.claim("t1", project.project_id, worker_id="w2", lease_seconds=30)
+        return await store.get("t1", project.project_id), refused.value.refusal
+
+    after, refusal = run(scenario, stack)
+    assert refusal is ClaimRefusal.TERMINAL
+    assert after is not None
+    assert after.status is ProjectStatus.SUCCEEDED
+    assert after.lease_owner is None and after.lease_expires_at is None
+    assert after.finished_at is not None
+    assert after.stages[0].status is StageStatus.RUNNING
+    raw = stack.client("dynamodb").get_item(
+        TableName=stack.table_name,
+        Key={"pk": {"S": "TENANT#t1"}, "sk": {"S": f"PROJECT#{project.project_id}"}},
+    )["Item"]
+    assert "sweep_shard" not in raw and "sweep_at" not in raw  # left the sweeper index
+
+
+def test_requeue_returns_the_project_for_the_next_attempt(stack: Stack) -> None:
+    project = a_project()
+    error = ErrorInfo(type="Boom", message="transient")
+
+    async def scenario(store: DynamoProjectStore) -> Project:
+        await store.create(project)
+        got = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
+        await store.requeue(RunToken("t1", project.project_id, "w1", got.attempt), error=error)
+        queued = await store.get("t1", project.project_id)
+        assert queued is not None and queued.status is ProjectStatus.QUEUED
+        assert queued.last_error == error and queued.lease_owner is None
+        return await store.claim("t1", project.project_id, worker_id="w2", lease_seconds=30)
+
+    again = run(scenario, stack)
+    assert again.attempt == 2
+    assert again.worker_id == "w2"
+
+
+def test_claim_of_a_missing_project_says_so(stack: Stack) -> None:
+    async def scenario(store: DynamoProjectStore) -> ClaimRefusedError:
+        with pytest.raises(ClaimRefusedError) as refused:
+            await store.claim("t1", str(ULID()), worker_id="w1", lease_seconds=30)
+        return refused.value
+
+    refused = run(scenario, stack)
+    assert refused.refusal is ClaimRefusal.MISSING
+    assert refused.current is None
+    assert stack.table_items() == []  # the failed claim created nothing
+
+
+def test_list_pages_newest_first(stack: Stack) -> None:
+    projects = []
+    for _ in range(5):
+        projects.append(a_project())
+        time.sleep(0.002)  # distinct ULID timestamps
+
+    async def scenario(store: DynamoProjectStore) -> list[list[str]]:
+        for project in projects:
+            await store.create(project)
+        await store.create(a_project(tenant="t2"))
+        pages: list[list[str]] = []
+        after: str | None = None
+        while True:
+            page, after = await store.list_projects("t1", limit=2, after=after)
+            pages.append([p.project_id for p in page])
+            if after is None:
+                return pages
+
+    pages = run(scenario, stack)
+    flat = [pid for page in pages for pid in page]
+    assert flat == [p.project_id for p in reversed(projects)]
