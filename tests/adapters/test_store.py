@@ -145,14 +145,16 @@ def test_finish_clears_the_lease_and_later_claims_see_a_terminal_project(stack: 
     assert refusal is ClaimRefusal.TERMINAL
     assert after is not None
     assert after.status is ProjectStatus.SUCCEEDED
-    assert after.lease_owner is None and after.lease_expires_at is None
+    assert after.lease_owner is None
+    assert after.lease_expires_at is None
     assert after.finished_at is not None
     assert after.stages[0].status is StageStatus.RUNNING
     raw = stack.client("dynamodb").get_item(
         TableName=stack.table_name,
         Key={"pk": {"S": "TENANT#t1"}, "sk": {"S": f"PROJECT#{project.project_id}"}},
     )["Item"]
-    assert "sweep_shard" not in raw and "sweep_at" not in raw  # left the sweeper index
+    assert "sweep_shard" not in raw
+    assert "sweep_at" not in raw
 
 
 def test_requeue_returns_the_project_for_the_next_attempt(stack: Stack) -> None:
@@ -164,8 +166,10 @@ def test_requeue_returns_the_project_for_the_next_attempt(stack: Stack) -> None:
         got = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
         await store.requeue(RunToken("t1", project.project_id, "w1", got.attempt), error=error)
         queued = await store.get("t1", project.project_id)
-        assert queued is not None and queued.status is ProjectStatus.QUEUED
-        assert queued.last_error == error and queued.lease_owner is None
+        assert queued is not None
+        assert queued.status is ProjectStatus.QUEUED
+        assert queued.last_error == error
+        assert queued.lease_owner is None
         return await store.claim("t1", project.project_id, worker_id="w2", lease_seconds=30)
 
     again = run(scenario, stack)

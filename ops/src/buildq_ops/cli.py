@@ -7,13 +7,13 @@ import os
 from typing import Annotated
 
 import typer
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
 from buildq.aws import aws_clients
 from buildq.errors import BuildqError, UnavailableError
 from buildq.logging import configure_logging
 from buildq.resources import BootstrapResult, bootstrap
 from buildq.settings import Settings
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
-
 from buildq_ops.emulator import running_emulator, wait_for_signal
 
 app = typer.Typer(

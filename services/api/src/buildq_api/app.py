@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
+from fastapi import FastAPI
+
 from buildq.aws import aws_clients
 from buildq.queue import SqsBuildQueue
 from buildq.settings import ApiSettings
 from buildq.store import DynamoProjectStore
 from buildq.workflows.registry import load_registry
-from fastapi import FastAPI
-
 from buildq_api.middleware import RequestContextMiddleware
 from buildq_api.problems import install_problem_handlers
 from buildq_api.routes import health, projects

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import Depends, Request
+
 from buildq.queue import BuildQueue
 from buildq.settings import ApiSettings
 from buildq.store import ProjectStore
 from buildq.workflows.registry import WorkflowRegistry
-from fastapi import Depends, Request
 
 
 def get_settings(request: Request) -> ApiSettings:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uvicorn
+
 from buildq.logging import configure_logging
 from buildq.settings import ApiSettings
-
 from buildq_api.app import create_app
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from buildq.errors import NotFoundError, UnavailableError, UnknownWorkflowError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from buildq.errors import NotFoundError, UnavailableError, UnknownWorkflowError
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 2

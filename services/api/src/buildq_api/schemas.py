@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot
 
 MAX_PARAMETERS_BYTES = 16 * 1024
 MAX_PARAMETERS_DEPTH = 8

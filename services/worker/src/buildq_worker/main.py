@@ -7,13 +7,13 @@ import signal
 
 import structlog
 import uvloop
+
 from buildq.aws import aws_clients
 from buildq.logging import configure_logging
 from buildq.queue import SqsBuildQueue
 from buildq.settings import WorkerSettings
 from buildq.store import DynamoProjectStore
 from buildq.workflows.registry import load_registry
-
 from buildq_worker.worker import Worker
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
 from buildq.errors import (
     LeaseLostError,
     MessageError,
@@ -32,7 +33,6 @@ from buildq.settings import WorkerSettings
 from buildq.store import ClaimRefusedError, ProjectStore, RunToken
 from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_outcome
 from buildq.workflows.registry import WorkflowRegistry
-
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
 
 log = structlog.get_logger()

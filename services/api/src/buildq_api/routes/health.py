@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from buildq.errors import UnavailableError
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from buildq.errors import UnavailableError
 from buildq_api.deps import QueueDep, StoreDep
 from buildq_api.problems import problem
 

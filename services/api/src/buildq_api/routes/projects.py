@@ -7,15 +7,15 @@ import binascii
 from typing import Annotated, Any
 
 import structlog
-from buildq.clock import now_iso
-from buildq.errors import NotFoundError, UnavailableError
-from buildq.messages import BuildReason, build_message
-from buildq.transitions import new_project
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ulid import ULID
 
+from buildq.clock import now_iso
+from buildq.errors import NotFoundError, UnavailableError
+from buildq.messages import BuildReason, build_message
+from buildq.transitions import new_project
 from buildq_api.deps import QueueDep, RegistryDep, StoreDep, TenantDep
 from buildq_api.problems import PROBLEM_JSON
 from buildq_api.schemas import Problem, ProjectCreate, ProjectPage, ProjectPublic
