@@ -9,6 +9,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
 WORKERS ?= 2
+ENV_FILE ?= dev.env
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
@@ -28,10 +29,10 @@ $(VENV)/.installed: $(UV) uv.lock pyproject.toml shared/pyproject.toml services/
 
 install: $(VENV)/.installed ## Create .venv from the lock file
 
-run: install ## Start the emulator, the API on :8000 and $(WORKERS) workers (Ctrl-C stops all)
-	@echo "buildq: API http://127.0.0.1:8000 (docs at /docs), AWS emulator http://127.0.0.1:4566, $(WORKERS) workers"
-	@echo "        try: curl -s -X POST localhost:8000/v1/projects -H 'content-type: application/json' -d '{\"name\":\"hello\",\"workflow\":\"demo\"}'"
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho --env dev.env start --concurrency worker=$(WORKERS)
+run: install ## Start the emulator, the API and $(WORKERS) workers (settings in $(ENV_FILE); Ctrl-C stops all)
+	@set -a && source $(ENV_FILE) && echo "buildq: API http://$$BUILDQ_API_HOST:$$BUILDQ_API_PORT (docs: /docs)," \
+		"AWS emulator $$AWS_ENDPOINT_URL, $(WORKERS) workers. Ctrl-C stops everything."
+	@PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/honcho --env $(ENV_FILE) --procfile Procfile start --concurrency worker=$(WORKERS)
 
 lint: install ## ruff + mypy --strict
 	$(BIN)/ruff check .

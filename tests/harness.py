@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import boto3
 import httpx
@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def wait_until(
-    check: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
+    check: Callable[[], T | None], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
 ) -> T:
     """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -50,7 +50,7 @@ def wait_until(
         except Exception as exc:  # not ready yet
             last = exc
         if last and not isinstance(last, Exception):
-            return last
+            return cast(T, last)
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
 
@@ -102,6 +102,11 @@ def aws_env(endpoint: str) -> dict[str, str]:
     }
 
 
+def _listening(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
 @contextmanager
 def running_emulator(log_dir: Path) -> Iterator[str]:
     port = free_port()
@@ -112,7 +117,7 @@ def running_emulator(log_dir: Path) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_until(
-            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True,
+            lambda: _listening(port),
             timeout=30,
             what="the emulator to listen",
         )

@@ -64,7 +64,9 @@ def bootstrap_command(
 @app.command("emulator")
 def emulator_command(
     host: Annotated[str, typer.Option(help="Address to bind (keep it on loopback)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on")] = 4566,
+    port: Annotated[
+        int, typer.Option(help="Port to listen on", envvar="BUILDQ_EMULATOR_PORT")
+    ] = 4566,
     with_bootstrap: Annotated[
         bool, typer.Option("--bootstrap/--no-bootstrap", help="Create buildq's resources in it")
     ] = False,

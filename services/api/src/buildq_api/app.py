@@ -36,7 +36,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             app.state.store = DynamoProjectStore(clients.dynamodb, settings.table_name)
             app.state.queue = SqsBuildQueue(clients.sqs, settings.queue_name, settings.dlq_name)
             structlog.get_logger().info(
-                "api.started", table=settings.table_name, queue=settings.queue_name
+                "api.started",
+                url=f"http://{settings.api_host}:{settings.api_port}",
+                table=settings.table_name,
+                queue=settings.queue_name,
             )
             yield
 
