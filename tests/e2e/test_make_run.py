@@ -81,7 +81,8 @@ def test_make_run_serves_the_readme_lines_and_stops_on_ctrl_c(tmp_path: Path) ->
             make.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(pgid, signal.SIGKILL)
-            raise AssertionError("make run did not stop on Ctrl-C:\n" + log.read_text()[-3000:])
+            tail = log.read_text()[-3000:]
+            raise AssertionError(f"make run did not stop on Ctrl-C:\n{tail}") from None
     deadline = time.monotonic() + 10
     while _group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
