@@ -8,9 +8,8 @@ tolerate duplicates, reordering and stale messages.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from buildq.clock import now_iso
 from buildq.errors import MessageError
@@ -23,6 +22,7 @@ class BuildReason(StrEnum):
     RETRY = "retry"
     REPLAY = "replay"
     SWEEP = "sweep"
+    RELEASE = "release"  # a draining worker handed the project back
 
 
 class BuildMessage(BaseModel):
@@ -32,12 +32,19 @@ class BuildMessage(BaseModel):
     # can add optional fields without poisoning older consumers.
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
-    schema_version: Literal[1] = Field(alias="schema")
+    schema_version: StrictInt = Field(alias="schema")
     tenant_id: str = Field(min_length=1, max_length=128)
     project_id: str = Field(min_length=1, max_length=64)
     reason: BuildReason
     enqueued_at: str = Field(default_factory=now_iso)
     traceparent: str | None = None
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"unknown message schema {value}")
+        return value
 
     def encode(self) -> str:
         return self.model_dump_json(by_alias=True)
@@ -68,7 +75,7 @@ def decode(body: str | bytes) -> BuildMessage:
             raise MessageError(f"message body is not JSON: {first['msg']}") from None
         if where == "schema" and first["type"] == "missing":
             raise MessageError("message has no schema version") from None
-        if where == "schema" and first["type"] == "literal_error":
+        if where == "schema":
             raise MessageError(
                 f"unknown message schema {first.get('input')!r}; "
                 f"this consumer reads {SCHEMA_VERSION}"

@@ -70,6 +70,9 @@ class Project(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     status: ProjectStatus = ProjectStatus.QUEUED
     attempt: int = Field(0, description="Incremented by every claim: the fencing token")
+    releases: int = Field(
+        0, description="Runs handed back by draining workers: claims that used no attempt"
+    )
     created_at: str
     updated_at: str
     started_at: str | None = None
@@ -80,6 +83,11 @@ class Project(BaseModel):
     lease_expires_at: int | None = Field(None, description="Lease expiry, epoch milliseconds")
     cancel_requested: bool = False
     stages: tuple[StageSnapshot, ...] = ()
+
+    @property
+    def attempts_used(self) -> int:
+        """Attempts that count against the budget: claims, less releases."""
+        return self.attempt - self.releases
 
     def stage(self, name: str) -> StageSnapshot:
         for snapshot in self.stages:

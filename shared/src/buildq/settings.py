@@ -12,7 +12,7 @@ import socket
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -42,6 +42,12 @@ class Settings(BaseSettings):
 
     max_attempts: int = Field(
         3, ge=1, description="Workflow attempts before a project is FAILED and dead-lettered"
+    )
+    sweep_queued_after: float = Field(
+        300.0, gt=0, description="A QUEUED project is re-enqueued by the sweeper after this, s"
+    )
+    sweep_building_after: float = Field(
+        60.0, gt=0, description="A BUILDING project is re-enqueued this long past its lease, s"
     )
     default_tenant: str = Field("demo", description="Tenant used until API keys are configured")
     workflows: Annotated[list[str], NoDecode] = Field(
@@ -73,6 +79,17 @@ class ApiSettings(Settings):
 class WorkerSettings(Settings):
     """Settings of the worker service."""
 
+    @model_validator(mode="after")
+    def _lease_expires_before_redelivery(self) -> WorkerSettings:
+        # A crashed worker's message must reappear only after its lease has
+        # expired, or the next worker would see a live lease and drop it.
+        if self.lease_seconds >= self.visibility_timeout:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds}) must be below "
+                f"visibility_timeout ({self.visibility_timeout})"
+            )
+        return self
+
     worker_id: str = Field(default_factory=default_worker_id, description="Unique worker id")
     max_workflow_workers: int = Field(
         5, ge=1, le=100, description="Workflows one worker process runs at once"
@@ -81,8 +98,23 @@ class WorkerSettings(Settings):
     visibility_timeout: int = Field(
         60, ge=1, le=43200, description="Visibility timeout set at receive, s"
     )
-    lease_seconds: int = Field(60, ge=1, description="Project lease length, s")
+    lease_seconds: int = Field(
+        45, ge=1, description="Project lease length, s; below the visibility timeout"
+    )
     stage_timeout: float = Field(3600.0, gt=0, description="Default per-stage timeout, s")
+    workflow_timeout: float = Field(
+        86400.0, gt=0, description="Default timeout of one attempt of a whole workflow, s"
+    )
+    max_message_hold: float = Field(
+        41400.0,
+        gt=0,
+        description="Hold a message this long at most (SQS caps it at 12 h), then run on the "
+        "lease alone, s",
+    )
+    sweep_interval: float = Field(
+        30.0, gt=0, description="How often a worker tries to run the sweeper, s"
+    )
+    loop_lag_warning: float = Field(0.5, gt=0, description="Log event-loop lag above this, s")
     retry_base_seconds: float = Field(
         2.0, ge=0, description="Backoff before a retry: base, doubled per attempt, jittered"
     )

@@ -165,5 +165,6 @@ class Backoff:
     cap_seconds: float = 300.0
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        ceiling = min(self.cap_seconds, self.base_seconds * (2 ** max(attempt - 1, 0)))
+        exponent = min(max(attempt - 1, 0), 64)  # past 2**64 every delay is the cap anyway
+        ceiling = min(self.cap_seconds, self.base_seconds * 2.0**exponent)
         return (rng or random).uniform(ceiling / 2, ceiling)

@@ -110,18 +110,19 @@ async def run_workflow(
             log=stage_log,
             cancel_event=cancel_event,
         )
+        limit = stage.timeout if stage.timeout is not None else default_stage_timeout
+        deadline = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(stage.timeout or default_stage_timeout):
+            async with deadline:
                 output = _checked_output(name, await _call(stage, ctx))
         except CancelledByRequestError as exc:
             stopped = stage_finished(started, now=now_iso(), error=_error_info(exc))
             return RunResult(RunStatus.CANCELLED, [stopped])
         except Exception as exc:  # every failure of user code is reported, none escapes
             error = _error_info(exc)
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) and deadline.expired():
                 error = ErrorInfo(
-                    type="StageTimeoutError",
-                    message=f"stage {name!r} exceeded {stage.timeout or default_stage_timeout}s",
+                    type="StageTimeoutError", message=f"stage {name!r} exceeded {limit}s"
                 )
             stage_log.warning("stage.failed", error_type=error.type, error=error.message)
             return RunResult(

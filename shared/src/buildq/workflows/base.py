@@ -64,6 +64,7 @@ class StageContext:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake up (and raise) at once if the project is cancelled."""
+        self.raise_if_cancelled()
         try:
             await asyncio.wait_for(self.cancel_event.wait(), timeout=seconds)
         except TimeoutError:

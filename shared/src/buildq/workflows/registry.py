@@ -37,7 +37,12 @@ def _import(path: str) -> list[Workflow]:
     if not attribute:
         raise ValueError(f"workflow path {path!r} must look like 'package.module:attribute'")
     found = getattr(importlib.import_module(module_name), attribute)
-    workflows = [found] if isinstance(found, Workflow) else list(found)
+    if isinstance(found, Workflow):
+        workflows = [found]
+    elif isinstance(found, list | tuple):
+        workflows = list(found)
+    else:
+        raise TypeError(f"{path!r} holds {type(found).__name__}, not a Workflow or a list")
     for workflow in workflows:
         if not isinstance(workflow, Workflow):
             raise TypeError(f"{path!r} holds {type(workflow).__name__}, not a Workflow")

@@ -1,0 +1,578 @@
+"""The stage runner (buildq_worker.runner.run_workflow) against an in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from buildq.errors import LeaseLostError
+from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot, StageStatus
+from buildq.store import RunToken
+from buildq.transitions import claimed, new_project
+from buildq.workflows.base import (
+    CancelledByRequestError,
+    JsonObject,
+    PermanentError,
+    RetryableError,
+    Stage,
+    StageContext,
+    StageFn,
+    Workflow,
+)
+from buildq_worker.runner import (
+    MAX_OUTPUT_BYTES,
+    RunResult,
+    RunStatus,
+    run_workflow,
+)
+
+TENANT = "tenant-a"
+PROJECT_ID = "01HZXRUNNER"
+WORKER = "worker-1"
+NAMES = ("plan", "generate", "build", "package")
+NOW_MS = 1_714_564_800_000
+
+
+class FakeStore:
+    """An in-memory ProjectStore: records ``save_stages``; nothing else is used by the runner."""
+
+    def __init__(self, fail_save_at: int | None = None) -> None:
+        self.saves: list[tuple[RunToken, tuple[StageSnapshot, ...]]] = []
+        self.fail_save_at = fail_save_at
+
+    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> None:
+        if self.fail_save_at is not None and len(self.saves) == self.fail_save_at:
+            raise LeaseLostError("save_stages: lease lost")
+        self.saves.append((token, stages))
+
+    @property
+    def saved(self) -> list[list[tuple[str, StageStatus]]]:
+        """Each save_stages call as (stage, status) pairs."""
+        return [[(stage.name, stage.status) for stage in stages] for _, stages in self.saves]
+
+    async def create(self, project: Project) -> None:
+        raise NotImplementedError
+
+    async def get(self, tenant_id: str, project_id: str) -> Project | None:
+        raise NotImplementedError
+
+    async def list_projects(
+        self, tenant_id: str, *, limit: int, after: str | None = None
+    ) -> tuple[list[Project], str | None]:
+        raise NotImplementedError
+
+    async def claim(
+        self, tenant_id: str, project_id: str, *, worker_id: str, lease_seconds: float
+    ) -> Project:
+        raise NotImplementedError
+
+    async def extend_lease(self, token: RunToken, lease_seconds: float) -> None:
+        raise NotImplementedError
+
+    async def finish(
+        self,
+        token: RunToken,
+        status: ProjectStatus,
+        *,
+        error: ErrorInfo | None = None,
+        stages: Sequence[StageSnapshot] = (),
+    ) -> None:
+        raise NotImplementedError
+
+    async def requeue(
+        self, token: RunToken, *, error: ErrorInfo | None, stages: Sequence[StageSnapshot] = ()
+    ) -> None:
+        raise NotImplementedError
+
+    async def ping(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class FakeLog:
+    """A structlog-like logger recording (event, fields)."""
+
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    bound: dict[str, Any] = field(default_factory=dict)
+
+    def bind(self, **fields: Any) -> FakeLog:
+        return FakeLog(events=self.events, bound={**self.bound, **fields})
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append((event, {**self.bound, **fields}))
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.events.append((event, {**self.bound, **fields}))
+
+
+@dataclass
+class Recorder:
+    """Stage functions that record which stages ran, with which context."""
+
+    ran: list[str] = field(default_factory=list)
+    contexts: list[StageContext] = field(default_factory=list)
+
+    def ok(self, output: JsonObject | None = None) -> StageFn:
+        async def fn(ctx: StageContext) -> JsonObject | None:
+            self.ran.append(ctx.stage)
+            self.contexts.append(ctx)
+            return {"stage": ctx.stage} if output is None else output
+
+        return fn
+
+    def raising(self, exc: Exception) -> StageFn:
+        async def fn(ctx: StageContext) -> JsonObject:
+            self.ran.append(ctx.stage)
+            raise exc
+
+        return fn
+
+    def returning(self, value: Any) -> StageFn:
+        async def fn(ctx: StageContext) -> Any:
+            self.ran.append(ctx.stage)
+            return value
+
+        return fn
+
+
+def workflow(*stages: Stage) -> Workflow:
+    return Workflow(name="test", stages=stages)
+
+
+def simple_workflow(recorder: Recorder, overrides: dict[str, StageFn] | None = None) -> Workflow:
+    overrides = overrides or {}
+    return workflow(*(Stage(name, overrides.get(name, recorder.ok())) for name in NAMES))
+
+
+def claimed_project(
+    stage_names: Sequence[str] = NAMES,
+    done: Sequence[str] = (),
+    status: StageStatus = StageStatus.SUCCEEDED,
+) -> Project:
+    project = new_project(
+        tenant_id=TENANT,
+        project_id=PROJECT_ID,
+        name="runner test",
+        workflow="test",
+        stage_names=stage_names,
+        parameters={"p": 1},
+        now="2024-05-01T12:00:00.000Z",
+    )
+    stages = tuple(
+        stage.model_copy(update={"status": status, "attempt": 1}) if stage.name in done else stage
+        for stage in project.stages
+    )
+    project = project.model_copy(update={"stages": stages})
+    return claimed(
+        project,
+        worker_id=WORKER,
+        now="2024-05-01T12:00:01.000Z",
+        now_ms=NOW_MS,
+        lease_expires_at=NOW_MS + 60_000,
+    )
+
+
+def token_for(project: Project) -> RunToken:
+    return RunToken(TENANT, PROJECT_ID, WORKER, project.attempt)
+
+
+def run(
+    wf: Workflow,
+    project: Project | None = None,
+    *,
+    store: FakeStore | None = None,
+    log: FakeLog | None = None,
+    default_stage_timeout: float = 5.0,
+    cancel_before: bool = False,
+    cancel_hook: Callable[[asyncio.Event], None] | None = None,
+) -> tuple[RunResult, FakeStore]:
+    project = project or claimed_project()
+    store = store or FakeStore()
+
+    async def scenario() -> RunResult:
+        cancel_event = asyncio.Event()
+        if cancel_before:
+            cancel_event.set()
+        if cancel_hook is not None:
+            cancel_hook(cancel_event)
+        return await run_workflow(
+            project=project,
+            workflow=wf,
+            store=store,
+            token=token_for(project),
+            log=log or FakeLog(),
+            default_stage_timeout=default_stage_timeout,
+            cancel_event=cancel_event,
+        )
+
+    return asyncio.run(scenario()), store
+
+
+RUNNING, SUCCEEDED, FAILED = StageStatus.RUNNING, StageStatus.SUCCEEDED, StageStatus.FAILED
+
+
+# -- the happy path ----------------------------------------------------------------------
+
+
+def test_all_stages_run_in_order_and_succeed() -> None:
+    recorder = Recorder()
+    result, _ = run(simple_workflow(recorder))
+    assert recorder.ran == list(NAMES)
+    assert result.status is RunStatus.SUCCEEDED
+    assert result.error is None
+    assert result.permanent is False
+    assert result.retry_delay is None
+    # The last stage's finished snapshot is left for the final write.
+    assert len(result.stages) == 1
+    last = result.stages[0]
+    assert last.name == "package"
+    assert last.status is SUCCEEDED
+    assert last.output == {"stage": "package"}
+    assert last.attempt == 1
+    assert last.worker_id == WORKER
+    assert last.started_at is not None
+    assert last.finished_at is not None
+    assert last.error is None
+
+
+def test_each_save_carries_the_previous_finished_and_the_next_running_snapshot() -> None:
+    recorder = Recorder()
+    _, store = run(simple_workflow(recorder))
+    assert store.saved == [
+        [("plan", RUNNING)],
+        [("plan", SUCCEEDED), ("generate", RUNNING)],
+        [("generate", SUCCEEDED), ("build", RUNNING)],
+        [("build", SUCCEEDED), ("package", RUNNING)],
+    ]
+    for token, _stages in store.saves:
+        assert token == RunToken(TENANT, PROJECT_ID, WORKER, 1)
+    for _, stages in store.saves[1:]:
+        finished, running = stages
+        assert finished.output == {"stage": finished.name}
+        assert finished.finished_at is not None
+        assert running.attempt == 1
+        assert running.worker_id == WORKER
+        assert running.finished_at is None
+        assert running.output is None
+
+
+def test_stage_context_is_built_for_the_run() -> None:
+    recorder = Recorder()
+    project = claimed_project()
+    run(simple_workflow(recorder), project)
+    ctx = recorder.contexts[2]
+    assert ctx.stage == "build"
+    assert ctx.attempt == 1
+    assert ctx.project == project
+    assert ctx.parameters == {"p": 1}
+    assert ctx.idempotency_key == f"{PROJECT_ID}:build"
+
+
+def test_stage_returning_none_records_no_output() -> None:
+    wf = workflow(Stage("only", Recorder().returning(None)))
+    result, _ = run(wf, claimed_project(["only"]))
+    assert result.status is RunStatus.SUCCEEDED
+    assert result.stages[0].output is None
+    assert result.stages[0].status is SUCCEEDED
+
+
+def test_output_of_exactly_the_maximum_size_is_accepted() -> None:
+    output = {"x": "a" * (MAX_OUTPUT_BYTES - len('{"x":""}'))}
+    wf = workflow(Stage("only", Recorder().returning(output)))
+    result, _ = run(wf, claimed_project(["only"]))
+    assert result.status is RunStatus.SUCCEEDED
+    assert result.stages[0].output == output
+
+
+def test_stages_log_started_and_finished() -> None:
+    log = FakeLog()
+    run(simple_workflow(Recorder()), log=log)
+    assert [(event, fields.get("stage")) for event, fields in log.events] == [
+        (event, name) for name in NAMES for event in ("stage.started", "stage.finished")
+    ]
+
+
+# -- resuming ------------------------------------------------------------------------------
+
+
+def test_resumed_project_runs_only_the_unfinished_stages() -> None:
+    recorder = Recorder()
+    project = claimed_project(done=("plan", "generate"))
+    result, store = run(simple_workflow(recorder), project)
+    assert recorder.ran == ["build", "package"]
+    assert result.status is RunStatus.SUCCEEDED
+    assert store.saved == [
+        [("build", RUNNING)],
+        [("build", SUCCEEDED), ("package", RUNNING)],
+    ]
+    assert [stage.name for stage in result.stages] == ["package"]
+
+
+def test_resumed_project_skips_skipped_stages_and_reruns_a_failed_one() -> None:
+    recorder = Recorder()
+    project = claimed_project(done=("plan",), status=StageStatus.SKIPPED)
+    failed = project.stage("generate").model_copy(
+        update={
+            "status": FAILED,
+            "attempt": 1,
+            "error": ErrorInfo(type="RetryableError", message="x"),
+        }
+    )
+    project = project.model_copy(
+        update={"stages": tuple(failed if s.name == "generate" else s for s in project.stages)}
+    )
+    _, store = run(simple_workflow(recorder), project)
+    assert recorder.ran == ["generate", "build", "package"]
+    rerun = store.saves[0][1][0]
+    assert (rerun.name, rerun.status, rerun.error) == ("generate", RUNNING, None)
+
+
+def test_fully_finished_project_runs_nothing() -> None:
+    recorder = Recorder()
+    result, store = run(simple_workflow(recorder), claimed_project(done=NAMES))
+    assert recorder.ran == []
+    assert store.saves == []
+    assert result.status is RunStatus.SUCCEEDED
+    assert list(result.stages) == []
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+def test_retryable_error_fails_the_run_not_permanently() -> None:
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"build": recorder.raising(RetryableError("flaky"))})
+    log = FakeLog()
+    result, store = run(wf, log=log)
+    assert recorder.ran == ["plan", "generate", "build"]
+    assert result.status is RunStatus.FAILED
+    assert result.permanent is False
+    assert result.retry_delay is None
+    assert result.error == ErrorInfo(type="RetryableError", message="flaky")
+    assert len(result.stages) == 1
+    failed = result.stages[0]
+    assert (failed.name, failed.status, failed.error) == ("build", FAILED, result.error)
+    assert failed.finished_at is not None
+    # The previous stage's success was already written together with build's start.
+    assert store.saved[-1] == [("generate", SUCCEEDED), ("build", RUNNING)]
+    warning = ("stage.failed", {"stage": "build", "error_type": "RetryableError", "error": "flaky"})
+    assert warning in log.events
+
+
+def test_retryable_error_carries_its_own_delay() -> None:
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"plan": recorder.raising(RetryableError("x", delay=7.5))})
+    result, _ = run(wf)
+    assert result.status is RunStatus.FAILED
+    assert result.retry_delay == 7.5
+    assert result.permanent is False
+
+
+def test_permanent_error_fails_the_run_permanently() -> None:
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"generate": recorder.raising(PermanentError("bad spec"))})
+    result, _ = run(wf)
+    assert recorder.ran == ["plan", "generate"]
+    assert result.status is RunStatus.FAILED
+    assert result.permanent is True
+    assert result.retry_delay is None
+    assert result.error == ErrorInfo(type="PermanentError", message="bad spec")
+
+
+def test_permanent_error_subclass_is_permanent() -> None:
+    class BadInputError(PermanentError):
+        pass
+
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"plan": recorder.raising(BadInputError("no"))})
+    result, _ = run(wf)
+    assert result.permanent is True
+    assert result.error is not None
+    assert result.error.type == "BadInputError"
+
+
+def test_unexpected_exception_is_a_retryable_failure() -> None:
+    async def divide(ctx: StageContext) -> JsonObject:
+        return {"x": 1 / 0}
+
+    wf = simple_workflow(Recorder(), {"build": divide})
+    result, _ = run(wf)
+    assert result.status is RunStatus.FAILED
+    assert result.permanent is False
+    assert result.error is not None
+    assert result.error.type == "ZeroDivisionError"
+    assert result.error.message == "division by zero"
+    assert result.stages[0].name == "build"
+
+
+def test_exception_without_message_is_described_by_its_repr() -> None:
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"plan": recorder.raising(KeyError())})
+    result, _ = run(wf)
+    assert result.error == ErrorInfo(type="KeyError", message="KeyError()")
+
+
+def test_stage_exceeding_its_timeout() -> None:
+    async def slow(ctx: StageContext) -> JsonObject:
+        await asyncio.sleep(30)
+        return {}
+
+    wf = workflow(Stage("plan", Recorder().ok()), Stage("slow", slow, timeout=0.02))
+    result, _ = run(wf, claimed_project(["plan", "slow"]), default_stage_timeout=30)
+    assert result.status is RunStatus.FAILED
+    assert result.permanent is False
+    assert result.error == ErrorInfo(
+        type="StageTimeoutError", message="stage 'slow' exceeded 0.02s"
+    )
+    assert result.stages[0].error == result.error
+
+
+def test_stage_without_timeout_uses_the_default() -> None:
+    async def slow(ctx: StageContext) -> JsonObject:
+        await asyncio.sleep(30)
+        return {}
+
+    wf = workflow(Stage("slow", slow))
+    result, _ = run(wf, claimed_project(["slow"]), default_stage_timeout=0.02)
+    assert result.error == ErrorInfo(
+        type="StageTimeoutError", message="stage 'slow' exceeded 0.02s"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["not", "a", "dict"], "stage 'only' returned list, not a dict"),
+        ("text", "stage 'only' returned str, not a dict"),
+        (42, "stage 'only' returned int, not a dict"),
+        (
+            {"blob": "x" * MAX_OUTPUT_BYTES},
+            f"stage 'only' output is {MAX_OUTPUT_BYTES + 11} bytes; max {MAX_OUTPUT_BYTES}",
+        ),
+        ({"when": object()}, "stage 'only' output is not JSON: "),
+    ],
+    ids=["list", "str", "int", "too-big", "not-json"],
+)
+def test_bad_output_fails_permanently(value: Any, message: str) -> None:
+    wf = workflow(Stage("only", Recorder().returning(value)))
+    result, _ = run(wf, claimed_project(["only"]))
+    assert result.status is RunStatus.FAILED
+    assert result.permanent is True
+    assert result.error is not None
+    assert result.error.type == "StageOutputError"
+    assert result.error.message.startswith(message)
+    assert result.stages[0].status is FAILED
+    assert result.stages[0].output is None
+
+
+def test_lease_lost_while_saving_escapes_the_runner() -> None:
+    recorder = Recorder()
+    with pytest.raises(LeaseLostError):
+        run(simple_workflow(recorder), store=FakeStore(fail_save_at=2))
+    assert recorder.ran == ["plan", "generate"]
+
+
+# -- sync stages ---------------------------------------------------------------------------------
+
+
+def test_sync_stage_runs_in_a_thread_and_its_output_is_recorded() -> None:
+    threads: list[int] = []
+
+    def blocking(ctx: StageContext) -> JsonObject:
+        threads.append(threading.get_ident())
+        return {"sync": True, "stage": ctx.stage}
+
+    main_thread = threading.get_ident()
+    wf = workflow(Stage("plan", Recorder().ok()), Stage("sync", blocking))
+    result, store = run(wf, claimed_project(["plan", "sync"]))
+    assert result.status is RunStatus.SUCCEEDED
+    assert result.stages[0].output == {"sync": True, "stage": "sync"}
+    assert threads
+    assert threads[0] != main_thread
+    assert store.saved[-1] == [("plan", SUCCEEDED), ("sync", RUNNING)]
+
+
+def test_sync_stage_errors_are_reported() -> None:
+    def blocking(ctx: StageContext) -> JsonObject:
+        raise PermanentError("sync says no")
+
+    wf = workflow(Stage("sync", blocking))
+    result, _ = run(wf, claimed_project(["sync"]))
+    assert result.status is RunStatus.FAILED
+    assert result.permanent is True
+    assert result.error == ErrorInfo(type="PermanentError", message="sync says no")
+
+
+def test_sync_callable_returning_an_awaitable_is_awaited() -> None:
+    class AsyncCallable:
+        async def __call__(self, ctx: StageContext) -> JsonObject:
+            return {"from": "callable"}
+
+    wf = workflow(Stage("only", AsyncCallable()))
+    result, _ = run(wf, claimed_project(["only"]))
+    assert result.status is RunStatus.SUCCEEDED
+    assert result.stages[0].output == {"from": "callable"}
+
+
+# -- cancellation -------------------------------------------------------------------------------
+
+
+def test_cancelled_before_start_runs_nothing() -> None:
+    recorder = Recorder()
+    result, store = run(simple_workflow(recorder), cancel_before=True)
+    assert result.status is RunStatus.CANCELLED
+    assert list(result.stages) == []
+    assert result.error is None
+    assert recorder.ran == []
+    assert store.saves == []
+
+
+def test_cancel_between_stages_stops_before_the_next_and_keeps_the_finished_snapshot() -> None:
+    async def cancels(ctx: StageContext) -> JsonObject:
+        ctx.cancel_event.set()
+        return {"done": True}
+
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"generate": cancels})
+    result, store = run(wf)
+    assert recorder.ran == ["plan"]
+    assert result.status is RunStatus.CANCELLED
+    assert [(s.name, s.status, s.output) for s in result.stages] == [
+        ("generate", SUCCEEDED, {"done": True})
+    ]
+    assert store.saved[-1] == [("plan", SUCCEEDED), ("generate", RUNNING)]
+
+
+def test_cancel_during_a_stage_stops_it() -> None:
+    async def waits(ctx: StageContext) -> JsonObject:
+        await ctx.sleep(30)
+        return {}
+
+    def cancel_soon(event: asyncio.Event) -> None:
+        asyncio.get_running_loop().call_later(0.02, event.set)
+
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"build": waits})
+    result, _ = run(wf, cancel_hook=cancel_soon)
+    assert recorder.ran == ["plan", "generate"]
+    assert result.status is RunStatus.CANCELLED
+    assert len(result.stages) == 1
+    stopped = result.stages[0]
+    assert stopped.name == "build"
+    assert stopped.status is FAILED
+    assert stopped.error is not None
+    assert stopped.error.type == "CancelledByRequestError"
+
+
+def test_cancelled_by_request_error_raised_by_a_stage_cancels_the_run() -> None:
+    recorder = Recorder()
+    wf = simple_workflow(recorder, {"plan": recorder.raising(CancelledByRequestError("stop"))})
+    result, _ = run(wf)
+    assert result.status is RunStatus.CANCELLED
+    assert result.permanent is False
+    assert [s.name for s in result.stages] == ["plan"]
