@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from buildq.errors import LeaseLostError
-from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot, StageStatus
+from buildq.models import ErrorInfo, Project, StageSnapshot, StageStatus
 from buildq.store import RunToken
 from buildq.transitions import claimed, new_project
 from buildq.workflows.base import (
@@ -39,58 +39,27 @@ NOW_MS = 1_714_564_800_000
 
 
 class FakeStore:
-    """An in-memory ProjectStore: records ``save_stages``; nothing else is used by the runner."""
+    """An in-memory StageWriter: records ``save_stages`` calls.
 
-    def __init__(self, fail_save_at: int | None = None) -> None:
+    ``fail_save_at``: the save with that index raises LeaseLostError.
+    ``cancel_after``: saves after that many report a cancel request.
+    """
+
+    def __init__(self, fail_save_at: int | None = None, cancel_after: int | None = None) -> None:
         self.saves: list[tuple[RunToken, tuple[StageSnapshot, ...]]] = []
         self.fail_save_at = fail_save_at
+        self.cancel_after = cancel_after
 
-    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> None:
+    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:
         if self.fail_save_at is not None and len(self.saves) == self.fail_save_at:
             raise LeaseLostError("save_stages: lease lost")
         self.saves.append((token, stages))
+        return self.cancel_after is not None and len(self.saves) > self.cancel_after
 
     @property
     def saved(self) -> list[list[tuple[str, StageStatus]]]:
         """Each save_stages call as (stage, status) pairs."""
         return [[(stage.name, stage.status) for stage in stages] for _, stages in self.saves]
-
-    async def create(self, project: Project) -> None:
-        raise NotImplementedError
-
-    async def get(self, tenant_id: str, project_id: str) -> Project | None:
-        raise NotImplementedError
-
-    async def list_projects(
-        self, tenant_id: str, *, limit: int, after: str | None = None
-    ) -> tuple[list[Project], str | None]:
-        raise NotImplementedError
-
-    async def claim(
-        self, tenant_id: str, project_id: str, *, worker_id: str, lease_seconds: float
-    ) -> Project:
-        raise NotImplementedError
-
-    async def extend_lease(self, token: RunToken, lease_seconds: float) -> None:
-        raise NotImplementedError
-
-    async def finish(
-        self,
-        token: RunToken,
-        status: ProjectStatus,
-        *,
-        error: ErrorInfo | None = None,
-        stages: Sequence[StageSnapshot] = (),
-    ) -> None:
-        raise NotImplementedError
-
-    async def requeue(
-        self, token: RunToken, *, error: ErrorInfo | None, stages: Sequence[StageSnapshot] = ()
-    ) -> None:
-        raise NotImplementedError
-
-    async def ping(self) -> None:
-        raise NotImplementedError
 
 
 @dataclass
@@ -188,6 +157,7 @@ def run(
     store: FakeStore | None = None,
     log: FakeLog | None = None,
     default_stage_timeout: float = 5.0,
+    workflow_timeout: float = 60.0,
     cancel_before: bool = False,
     cancel_hook: Callable[[asyncio.Event], None] | None = None,
 ) -> tuple[RunResult, FakeStore]:
@@ -207,6 +177,7 @@ def run(
             token=token_for(project),
             log=log or FakeLog(),
             default_stage_timeout=default_stage_timeout,
+            workflow_timeout=workflow_timeout,
             cancel_event=cancel_event,
         )
 
@@ -576,3 +547,85 @@ def test_cancelled_by_request_error_raised_by_a_stage_cancels_the_run() -> None:
     assert result.status is RunStatus.CANCELLED
     assert result.permanent is False
     assert [s.name for s in result.stages] == ["plan"]
+
+
+# -- issue 3: workflow timeout, cancels seen on writes, interruption ----------------------
+
+
+def _sleeper(seconds: float) -> StageFn:
+    async def stage(ctx: StageContext) -> JsonObject:
+        await asyncio.sleep(seconds)
+        return {"stage": ctx.stage}
+
+    return stage
+
+
+def test_workflow_timeout_fails_the_stage_that_was_running() -> None:
+    wf = Workflow(name="slow", stages=tuple(Stage(n, _sleeper(0.2)) for n in NAMES))
+    result, _ = run(wf, workflow_timeout=0.5)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None
+    assert result.error.type == "WorkflowTimeoutError"
+    assert result.permanent is False
+    failed = [stage for stage in result.stages if stage.status is FAILED]
+    assert [stage.name for stage in failed] == ["build"]  # 3rd stage, at 0.4 s..0.6 s
+
+
+def test_a_cancel_reported_by_a_stage_write_stops_the_run() -> None:
+    recorder = Recorder()
+    store = FakeStore(cancel_after=2)  # the third save (start of "build") reports a cancel
+    wf = Workflow(
+        name="cancel-me",
+        stages=tuple(Stage(n, _cancellable(recorder)) for n in NAMES),
+    )
+    result, _ = run(wf, store=store)
+    assert result.status is RunStatus.CANCELLED
+    assert recorder.ran == ["plan", "generate", "build"]  # build saw the cancel at once
+
+
+def _cancellable(recorder: Recorder) -> StageFn:
+    async def stage(ctx: StageContext) -> JsonObject:
+        recorder.ran.append(ctx.stage)
+        await ctx.sleep(0.05)
+        return {}
+
+    return stage
+
+
+def test_cancelling_the_task_interrupts_with_a_checkpoint() -> None:
+    project = claimed_project()
+    store = FakeStore()
+
+    async def scenario() -> RunResult:
+        generating = asyncio.Event()
+
+        async def long_stage(ctx: StageContext) -> JsonObject:
+            generating.set()
+            await asyncio.sleep(5)
+            return {}
+
+        stages = [Stage("plan", _sleeper(0.01)), Stage("generate", long_stage)]
+        stages += [Stage(name, long_stage) for name in NAMES[2:]]
+        task = asyncio.create_task(
+            run_workflow(
+                project=project,
+                workflow=Workflow(name="long", stages=tuple(stages)),
+                store=store,
+                token=token_for(project),
+                log=FakeLog(),
+                default_stage_timeout=60,
+                workflow_timeout=60,
+                cancel_event=asyncio.Event(),
+            )
+        )
+        await asyncio.wait_for(generating.wait(), 5)
+        task.cancel()
+        return await task
+
+    result = asyncio.run(scenario())
+    assert result.status is RunStatus.INTERRUPTED
+    # The checkpoint: the last finished stage, and the interrupted one PENDING again.
+    assert [(s.name, s.status) for s in result.stages] == [
+        ("plan", SUCCEEDED),
+        ("generate", StageStatus.PENDING),
+    ]

@@ -28,6 +28,7 @@ Item = dict[str, "AttributeValueTypeDef"]
 
 SWEEP_INDEX = "sweep"
 SWEEP_SHARDS = 16
+TTL_ATTRIBUTE = "expires_at"  # epoch seconds; DynamoDB deletes expired items (locks)
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -45,8 +46,13 @@ def project_key(tenant_id: str, project_id: str) -> Item:
     return {"pk": {"S": tenant_pk(tenant_id)}, "sk": {"S": project_sk(project_id)}}
 
 
+def shard_key(shard: int) -> str:
+    return f"SWEEP#{shard:02d}"
+
+
 def sweep_shard(project_id: str) -> str:
-    return f"SWEEP#{zlib.crc32(project_id.encode()) % SWEEP_SHARDS:02d}"
+    """The sweeper index shard of a project: spreads active projects over partitions."""
+    return shard_key(zlib.crc32(project_id.encode()) % SWEEP_SHARDS)
 
 
 def to_attr(value: Any) -> AttributeValueTypeDef:

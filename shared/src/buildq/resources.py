@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from buildq.aws import AwsClients, translate_errors
-from buildq.items import SWEEP_INDEX
+from buildq.items import SWEEP_INDEX, TTL_ATTRIBUTE
 from buildq.settings import Settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
-TTL_ATTRIBUTE = "expires_at"
 RETENTION_SECONDS = 14 * 24 * 3600  # the SQS maximum: on-call has two weeks to replay
 QUEUE_VISIBILITY_TIMEOUT = 60  # workers set their own at receive; this is the fallback
 

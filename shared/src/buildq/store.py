@@ -14,17 +14,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from buildq.aws import translate_errors
 from buildq.clock import epoch_ms, iso, utcnow
-from buildq.errors import ConflictError, LeaseLostError
+from buildq.errors import ConflictError, LeaseLostError, NotFoundError
 from buildq.items import (
+    SWEEP_INDEX,
+    TTL_ATTRIBUTE,
     project_from_item,
     project_key,
     project_sk,
     project_to_item,
+    shard_key,
     stage_to_plain,
     tenant_pk,
     to_attr,
 )
 from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot
+from buildq.settings import Settings
 from buildq.transitions import ClaimRefusal, check_transition, claim_refusal
 
 if TYPE_CHECKING:
@@ -39,6 +43,17 @@ class RunToken:
     project_id: str
     worker_id: str
     attempt: int
+
+
+@dataclass(frozen=True)
+class SweepCandidate:
+    """An active project whose time in the sweeper index has come."""
+
+    tenant_id: str
+    project_id: str
+    status: ProjectStatus
+    sweep_at: int
+    lease_expires_at: int | None
 
 
 class ClaimRefusedError(ConflictError):
@@ -57,8 +72,8 @@ class ProjectStore(Protocol):
     async def claim(
         self, tenant_id: str, project_id: str, *, worker_id: str, lease_seconds: float
     ) -> Project: ...
-    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> None: ...
-    async def extend_lease(self, token: RunToken, lease_seconds: float) -> None: ...
+    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool: ...
+    async def extend_lease(self, token: RunToken, lease_seconds: float) -> bool: ...
     async def finish(
         self,
         token: RunToken,
@@ -70,6 +85,11 @@ class ProjectStore(Protocol):
     async def requeue(
         self, token: RunToken, *, error: ErrorInfo | None, stages: Sequence[StageSnapshot] = ()
     ) -> None: ...
+    async def release(self, token: RunToken, *, stages: Sequence[StageSnapshot] = ()) -> None: ...
+    async def request_cancel(self, tenant_id: str, project_id: str) -> Project: ...
+    async def acquire_lock(self, name: str, owner: str, seconds: float) -> bool: ...
+    async def due_for_sweep(self, shard: int, *, limit: int) -> list[SweepCandidate]: ...
+    async def mark_swept(self, candidate: SweepCandidate, *, next_sweep_at: int) -> bool: ...
     async def ping(self) -> None: ...
 
 
@@ -92,15 +112,24 @@ class _Update:
         self.values[placeholder] = to_attr(value)
         return placeholder
 
-    def set(self, attribute: str, value: Any) -> None:
+    def set(self, attribute: str, value: Any) -> _Update:
         self.sets.append(f"{self.name(attribute)} = {self.value(value)}")
+        return self
 
-    def set_stage(self, stage: StageSnapshot) -> None:
-        path = f"{self.name('stages')}.{self.name(stage.name)}"
-        self.sets.append(f"{path} = {self.value(stage_to_plain(stage))}")
+    def increment(self, attribute: str) -> _Update:
+        name = self.name(attribute)
+        self.sets.append(f"{name} = if_not_exists({name}, {self.value(0)}) + {self.value(1)}")
+        return self
 
-    def remove(self, *attributes: str) -> None:
+    def set_stages(self, stages: Sequence[StageSnapshot]) -> _Update:
+        for stage in stages:
+            path = f"{self.name('stages')}.{self.name(stage.name)}"
+            self.sets.append(f"{path} = {self.value(stage_to_plain(stage))}")
+        return self
+
+    def remove(self, *attributes: str) -> _Update:
         self.removes.extend(self.name(attribute) for attribute in attributes)
+        return self
 
     def expression(self) -> str:
         parts = []
@@ -128,6 +157,17 @@ class DynamoProjectStore:
         # this long, or BUILDING this long past its lease expiry.
         self._sweep_queued_ms = int(sweep_queued_after * 1000)
         self._sweep_building_ms = int(sweep_building_after * 1000)
+
+    @classmethod
+    def from_settings(cls, client: DynamoDBClient, settings: Settings) -> DynamoProjectStore:
+        return cls(
+            client,
+            settings.table_name,
+            sweep_queued_after=settings.sweep_queued_after,
+            sweep_building_after=settings.sweep_building_after,
+        )
+
+    # -- the API's side ------------------------------------------------------
 
     async def create(self, project: Project) -> None:
         item = project_to_item(project, sweep_at=epoch_ms() + self._sweep_queued_ms)
@@ -170,6 +210,43 @@ class DynamoProjectStore:
         next_after = projects[-1].project_id if last and projects else None
         return projects, next_after
 
+    async def request_cancel(self, tenant_id: str, project_id: str) -> Project:
+        """Cancel a project: a QUEUED one becomes CANCELLED at once, a BUILDING one is
+        flagged and its worker stops at the next checkpoint. Returns the project after.
+
+        Raises ``NotFoundError`` if it does not exist, ``ConflictError`` if it has ended.
+        """
+        for _ in range(3):  # the status can change between the two conditional writes
+            now = iso(utcnow())
+            cancelled = (
+                _Update()
+                .set("status", ProjectStatus.CANCELLED.value)
+                .set("cancel_requested", True)
+                .set("finished_at", now)
+                .set("updated_at", now)
+                .remove("sweep_shard", "sweep_at")
+            )
+            try:
+                return await self._update_from(
+                    tenant_id, project_id, cancelled, expect=ProjectStatus.QUEUED
+                )
+            except ConflictError as exc:
+                current = project_from_item(exc.item) if exc.item else None
+            if current is None:
+                raise NotFoundError(f"project {project_id} not found")
+            if current.status is not ProjectStatus.BUILDING:
+                raise ConflictError(f"project {project_id} is already {current.status}")
+            flagged = _Update().set("cancel_requested", True).set("updated_at", now)
+            try:
+                return await self._update_from(
+                    tenant_id, project_id, flagged, expect=ProjectStatus.BUILDING
+                )
+            except ConflictError:
+                continue
+        raise ConflictError(f"project {project_id} kept changing; try again")
+
+    # -- a worker's run --------------------------------------------------------
+
     async def claim(
         self, tenant_id: str, project_id: str, *, worker_id: str, lease_seconds: float
     ) -> Project:
@@ -177,19 +254,18 @@ class DynamoProjectStore:
         now = utcnow()
         now_ms = epoch_ms(now)
         expires = now_ms + int(lease_seconds * 1000)
-        update = _Update()
-        update.set("status", ProjectStatus.BUILDING.value)
-        attempt = update.name("attempt")
-        update.sets.append(
-            f"{attempt} = if_not_exists({attempt}, {update.value(0)}) + {update.value(1)}"
+        update = (
+            _Update()
+            .set("status", ProjectStatus.BUILDING.value)
+            .increment("attempt")
+            .set("lease_owner", worker_id)
+            .set("lease_expires_at", expires)
+            .set("worker_id", worker_id)
+            .set("updated_at", iso(now))
+            .set("sweep_at", expires + self._sweep_building_ms)
         )
-        update.set("lease_owner", worker_id)
-        update.set("lease_expires_at", expires)
-        update.set("worker_id", worker_id)
-        update.set("updated_at", iso(now))
         started = update.name("started_at")
         update.sets.append(f"{started} = if_not_exists({started}, {update.value(iso(now))})")
-        update.set("sweep_at", expires + self._sweep_building_ms)
         status, lease = update.name("status"), update.name("lease_expires_at")
         condition = (
             f"attribute_exists(pk) AND ({status} = {update.value(ProjectStatus.QUEUED.value)}"
@@ -214,19 +290,20 @@ class DynamoProjectStore:
             raise ClaimRefusedError(refusal, current) from None
         return project_from_item(response["Attributes"])
 
-    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> None:
-        update = _Update()
-        for stage in stages:
-            update.set_stage(stage)
-        update.set("updated_at", iso(utcnow()))
-        await self._fenced(token, update, "save_stages")
+    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:
+        """Write stage snapshots; returns whether a cancel has been requested."""
+        update = _Update().set_stages(stages).set("updated_at", iso(utcnow()))
+        return await self._fenced(token, update, "save_stages", want_cancel=True)
 
-    async def extend_lease(self, token: RunToken, lease_seconds: float) -> None:
+    async def extend_lease(self, token: RunToken, lease_seconds: float) -> bool:
+        """Push the lease out; returns whether a cancel has been requested."""
         expires = epoch_ms() + int(lease_seconds * 1000)
-        update = _Update()
-        update.set("lease_expires_at", expires)
-        update.set("sweep_at", expires + self._sweep_building_ms)
-        await self._fenced(token, update, "extend_lease")
+        update = (
+            _Update()
+            .set("lease_expires_at", expires)
+            .set("sweep_at", expires + self._sweep_building_ms)
+        )
+        return await self._fenced(token, update, "extend_lease", want_cancel=True)
 
     async def finish(
         self,
@@ -241,37 +318,135 @@ class DynamoProjectStore:
         if not status.terminal:
             raise ValueError(f"finish() takes a terminal status, not {status}")
         now = iso(utcnow())
-        update = _Update()
-        for stage in stages:
-            update.set_stage(stage)
-        update.set("status", status.value)
-        update.set("finished_at", now)
-        update.set("updated_at", now)
+        update = (
+            _Update()
+            .set_stages(stages)
+            .set("status", status.value)
+            .set("finished_at", now)
+            .set("updated_at", now)
+            .remove("lease_owner", "lease_expires_at", "sweep_shard", "sweep_at")
+        )
         if error is not None:
             update.set("last_error", error.model_dump())
-        update.remove("lease_owner", "lease_expires_at", "sweep_shard", "sweep_at")
         await self._fenced(token, update, f"finish({status})")
 
     async def requeue(
         self, token: RunToken, *, error: ErrorInfo | None, stages: Sequence[StageSnapshot] = ()
     ) -> None:
-        """Back to QUEUED (a retry after a transient failure, or a release)."""
-        update = _Update()
-        for stage in stages:
-            update.set_stage(stage)
-        update.set("status", ProjectStatus.QUEUED.value)
-        update.set("updated_at", iso(utcnow()))
-        update.set("sweep_at", epoch_ms() + self._sweep_queued_ms)
+        """Back to QUEUED for a retry after a transient failure."""
+        update = self._back_to_queue(stages)
         if error is not None:
             update.set("last_error", error.model_dump())
-        update.remove("lease_owner", "lease_expires_at")
         await self._fenced(token, update, "requeue")
+
+    async def release(self, token: RunToken, *, stages: Sequence[StageSnapshot] = ()) -> None:
+        """Hand the project back unfinished (a draining worker): QUEUED, lease cleared,
+        and ``releases`` counts it, so the claim it used costs no attempt."""
+        await self._fenced(token, self._back_to_queue(stages).increment("releases"), "release")
+
+    def _back_to_queue(self, stages: Sequence[StageSnapshot]) -> _Update:
+        return (
+            _Update()
+            .set_stages(stages)
+            .set("status", ProjectStatus.QUEUED.value)
+            .set("updated_at", iso(utcnow()))
+            .set("sweep_at", epoch_ms() + self._sweep_queued_ms)
+            .remove("lease_owner", "lease_expires_at")
+        )
+
+    # -- the sweeper ---------------------------------------------------------
+
+    async def acquire_lock(self, name: str, owner: str, seconds: float) -> bool:
+        """Take (or renew) a short named lock; False if someone else holds it."""
+        now_ms = epoch_ms()
+        until = now_ms + int(seconds * 1000)
+        try:
+            with translate_errors("PutItem(lock)"):
+                await self._client.put_item(
+                    TableName=self._table,
+                    Item={
+                        "pk": {"S": f"LOCK#{name}"},
+                        "sk": {"S": "LOCK"},
+                        "owner": {"S": owner},
+                        "lock_until": {"N": str(until)},
+                        # TTL (seconds) tidies up locks nobody renews.
+                        TTL_ATTRIBUTE: {"N": str(until // 1000 + 3600)},
+                    },
+                    ConditionExpression=(
+                        "attribute_not_exists(pk) OR lock_until < :now OR #owner = :owner"
+                    ),
+                    ExpressionAttributeNames={"#owner": "owner"},
+                    ExpressionAttributeValues={
+                        ":now": {"N": str(now_ms)},
+                        ":owner": {"S": owner},
+                    },
+                )
+        except ConflictError:
+            return False
+        return True
+
+    async def due_for_sweep(self, shard: int, *, limit: int) -> list[SweepCandidate]:
+        """Active projects of one index shard whose ``sweep_at`` has passed, oldest first."""
+        with translate_errors("Query(sweep)"):
+            response = await self._client.query(
+                TableName=self._table,
+                IndexName=SWEEP_INDEX,
+                KeyConditionExpression="sweep_shard = :shard AND sweep_at <= :now",
+                ExpressionAttributeValues={
+                    ":shard": {"S": shard_key(shard)},
+                    ":now": {"N": str(epoch_ms())},
+                },
+                Limit=limit,
+            )
+        candidates = []
+        for item in response.get("Items", []):
+            lease = item.get("lease_expires_at", {}).get("N")
+            candidates.append(
+                SweepCandidate(
+                    tenant_id=item["tenant_id"]["S"],
+                    project_id=item["project_id"]["S"],
+                    status=ProjectStatus(item["status"]["S"]),
+                    sweep_at=int(item["sweep_at"]["N"]),
+                    lease_expires_at=int(lease) if lease else None,
+                )
+            )
+        return candidates
+
+    async def mark_swept(self, candidate: SweepCandidate, *, next_sweep_at: int) -> bool:
+        """Push the candidate's ``sweep_at`` on, if nothing changed it meanwhile."""
+        update = _Update().set("sweep_at", next_sweep_at)
+        condition = (
+            f"{update.name('sweep_at')} = {update.value(candidate.sweep_at)}"
+            f" AND {update.name('status')} = {update.value(candidate.status.value)}"
+        )
+        try:
+            with translate_errors("UpdateItem(sweep)"):
+                await self._client.update_item(
+                    TableName=self._table,
+                    Key=project_key(candidate.tenant_id, candidate.project_id),
+                    UpdateExpression=update.expression(),
+                    ConditionExpression=condition,
+                    ExpressionAttributeNames=update.names,
+                    ExpressionAttributeValues=update.values,
+                )
+        except ConflictError:
+            return False
+        return True
 
     async def ping(self) -> None:
         with translate_errors("DescribeTable"):
             await self._client.describe_table(TableName=self._table)
 
-    async def _fenced(self, token: RunToken, update: _Update, what: str) -> None:
+    # -- conditional writes ------------------------------------------------------
+
+    async def _fenced(
+        self, token: RunToken, update: _Update, what: str, *, want_cancel: bool = False
+    ) -> bool:
+        """An UpdateItem that lands only while ``token`` still holds the project.
+
+        With ``want_cancel`` the new item comes back and the result says whether a
+        cancel was requested: workers learn of cancels from writes they make anyway.
+        """
         owner, attempt = update.name("lease_owner"), update.name("attempt")
         condition = (
             f"{owner} = {update.value(token.worker_id)}"
@@ -279,16 +454,37 @@ class DynamoProjectStore:
         )
         try:
             with translate_errors(f"UpdateItem({what})"):
-                await self._client.update_item(
+                response = await self._client.update_item(
                     TableName=self._table,
                     Key=project_key(token.tenant_id, token.project_id),
                     UpdateExpression=update.expression(),
                     ConditionExpression=condition,
                     ExpressionAttributeNames=update.names,
                     ExpressionAttributeValues=update.values,
+                    ReturnValues="ALL_NEW" if want_cancel else "NONE",
                 )
         except ConflictError:
             raise LeaseLostError(
                 f"{what}: project {token.project_id} is no longer held by "
                 f"{token.worker_id} at attempt {token.attempt}"
             ) from None
+        flag = response.get("Attributes", {}).get("cancel_requested", {})
+        return bool(flag.get("BOOL", False))
+
+    async def _update_from(
+        self, tenant_id: str, project_id: str, update: _Update, *, expect: ProjectStatus
+    ) -> Project:
+        """One UpdateItem conditional on the current status; returns the new project."""
+        condition = f"{update.name('status')} = {update.value(expect.value)}"
+        with translate_errors(f"UpdateItem(from {expect})"):
+            response = await self._client.update_item(
+                TableName=self._table,
+                Key=project_key(tenant_id, project_id),
+                UpdateExpression=update.expression(),
+                ConditionExpression=condition,
+                ExpressionAttributeNames=update.names,
+                ExpressionAttributeValues=update.values,
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        return project_from_item(response["Attributes"])

@@ -33,7 +33,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with aws_clients(settings) as clients:
-            app.state.store = DynamoProjectStore(clients.dynamodb, settings.table_name)
+            app.state.store = DynamoProjectStore.from_settings(clients.dynamodb, settings)
             app.state.queue = SqsBuildQueue(clients.sqs, settings.queue_name, settings.dlq_name)
             structlog.get_logger().info(
                 "api.started",

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from buildq.errors import NotFoundError, UnavailableError, UnknownWorkflowError
+from buildq.errors import ConflictError, NotFoundError, UnavailableError, UnknownWorkflowError
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 2
@@ -116,6 +116,10 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
         return problem(request, 404, str(exc))
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
+        return problem(request, 409, str(exc))
 
     @app.exception_handler(UnavailableError)
     async def _unavailable(request: Request, exc: UnavailableError) -> JSONResponse:

@@ -22,7 +22,7 @@ async def serve(settings: WorkerSettings) -> None:
     async with aws_clients(settings) as clients:
         worker = Worker(
             settings,
-            DynamoProjectStore(clients.dynamodb, settings.table_name),
+            DynamoProjectStore.from_settings(clients.dynamodb, settings),
             SqsBuildQueue(clients.sqs, settings.queue_name, settings.dlq_name),
             registry,
         )

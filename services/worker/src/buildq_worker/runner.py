@@ -13,11 +13,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from buildq.clock import now_iso
-from buildq.models import ErrorInfo, Project, StageSnapshot
-from buildq.store import ProjectStore, RunToken
+from buildq.models import ErrorInfo, Project, StageSnapshot, StageStatus
+from buildq.store import RunToken
 from buildq.transitions import pending_stages, stage_finished, stage_started
 from buildq.workflows.base import (
     CancelledByRequestError,
@@ -36,6 +36,7 @@ class RunStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # retryable unless ``permanent``
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # the worker stopped the run (draining, or lease lost)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class RunResult:
     error: ErrorInfo | None = None
     permanent: bool = False
     retry_delay: float | None = None  # a RetryableError's own delay, if it gave one
+
+
+class StageWriter(Protocol):
+    """What the runner needs of the store: fenced stage writes."""
+
+    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool: ...
 
 
 class StageOutputError(PermanentError):
@@ -83,55 +90,118 @@ async def run_workflow(
     *,
     project: Project,
     workflow: Workflow,
-    store: ProjectStore,
+    store: StageWriter,
     token: RunToken,
     log: Any,
     default_stage_timeout: float,
+    workflow_timeout: float,
     cancel_event: asyncio.Event,
 ) -> RunResult:
-    """Run the stages still pending, in order; resumed projects skip finished ones."""
+    """Run the stages still pending, in order; resumed projects skip finished ones.
+
+    Cancelling the task that runs this returns an INTERRUPTED result carrying the
+    checkpoint to write (the last finished stage, the interrupted one PENDING again).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + workflow_timeout
     snapshots = {stage.name: stage for stage in project.stages}
     finished: StageSnapshot | None = None  # written together with the next write
-    for name in pending_stages(project):
-        if cancel_event.is_set():
-            return RunResult(RunStatus.CANCELLED, [s for s in (finished,) if s])
-        stage = workflow.stage(name)
-        started = stage_started(
-            snapshots[name], attempt=token.attempt, worker_id=token.worker_id, now=now_iso()
-        )
-        await store.save_stages(token, *[s for s in (finished, started) if s])
-        stage_log = log.bind(stage=name)
-        stage_log.info("stage.started")
-        ctx = StageContext(
-            project=project,
-            stage=name,
-            attempt=token.attempt,
-            idempotency_key=f"{project.project_id}:{name}",
-            log=stage_log,
-            cancel_event=cancel_event,
-        )
-        limit = stage.timeout if stage.timeout is not None else default_stage_timeout
-        deadline = asyncio.timeout(limit)
-        try:
-            async with deadline:
-                output = _checked_output(name, await _call(stage, ctx))
-        except CancelledByRequestError as exc:
-            stopped = stage_finished(started, now=now_iso(), error=_error_info(exc))
-            return RunResult(RunStatus.CANCELLED, [stopped])
-        except Exception as exc:  # every failure of user code is reported, none escapes
-            error = _error_info(exc)
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                error = ErrorInfo(
-                    type="StageTimeoutError", message=f"stage {name!r} exceeded {limit}s"
-                )
-            stage_log.warning("stage.failed", error_type=error.type, error=error.message)
-            return RunResult(
-                RunStatus.FAILED,
-                [stage_finished(started, now=now_iso(), error=error)],
-                error=error,
-                permanent=isinstance(exc, PermanentError),
-                retry_delay=exc.delay if isinstance(exc, RetryableError) else None,
+    started: StageSnapshot | None = None
+    try:
+        for name in pending_stages(project):
+            if cancel_event.is_set():
+                return RunResult(RunStatus.CANCELLED, _present(finished))
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return _timed_out(finished, None, workflow_timeout)
+            stage = workflow.stage(name)
+            started = stage_started(
+                snapshots[name], attempt=token.attempt, worker_id=token.worker_id, now=now_iso()
             )
-        finished = stage_finished(started, now=now_iso(), output=output)
-        stage_log.info("stage.finished")
-    return RunResult(RunStatus.SUCCEEDED, [s for s in (finished,) if s])
+            if await store.save_stages(token, *_present(finished, started)):
+                cancel_event.set()
+            result = await _run_stage(
+                project,
+                stage,
+                started,
+                token,
+                log,
+                cancel_event,
+                stage_limit=stage.timeout if stage.timeout is not None else default_stage_timeout,
+                workflow_remaining=remaining,
+                workflow_timeout=workflow_timeout,
+            )
+            if isinstance(result, RunResult):
+                return result
+            finished, started = result, None
+    except asyncio.CancelledError:
+        interrupted = started and started.model_copy(
+            update={"status": StageStatus.PENDING, "started_at": None, "worker_id": None}
+        )
+        return RunResult(RunStatus.INTERRUPTED, _present(finished, interrupted))
+    return RunResult(RunStatus.SUCCEEDED, _present(finished))
+
+
+def _present(*stages: StageSnapshot | None) -> list[StageSnapshot]:
+    return [stage for stage in stages if stage is not None]
+
+
+def _timed_out(
+    finished: StageSnapshot | None, started: StageSnapshot | None, limit: float
+) -> RunResult:
+    error = ErrorInfo(type="WorkflowTimeoutError", message=f"workflow exceeded {limit}s")
+    failed = started and stage_finished(started, now=now_iso(), error=error)
+    return RunResult(RunStatus.FAILED, _present(finished, failed), error=error)
+
+
+async def _run_stage(
+    project: Project,
+    stage: Stage,
+    started: StageSnapshot,
+    token: RunToken,
+    log: Any,
+    cancel_event: asyncio.Event,
+    *,
+    stage_limit: float,
+    workflow_remaining: float,
+    workflow_timeout: float,
+) -> StageSnapshot | RunResult:
+    """Run one stage: its finished snapshot, or the RunResult that ends the run."""
+    name = stage.name
+    stage_log = log.bind(stage=name)
+    stage_log.info("stage.started")
+    ctx = StageContext(
+        project=project,
+        stage=name,
+        attempt=token.attempt,
+        idempotency_key=f"{project.project_id}:{name}",
+        log=stage_log,
+        cancel_event=cancel_event,
+    )
+    deadline = asyncio.timeout(min(stage_limit, workflow_remaining))
+    try:
+        async with deadline:
+            output = _checked_output(name, await _call(stage, ctx))
+    except CancelledByRequestError as exc:
+        stopped = stage_finished(started, now=now_iso(), error=_error_info(exc))
+        return RunResult(RunStatus.CANCELLED, [stopped])
+    except Exception as exc:  # every failure of user code is reported, none escapes
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            if workflow_remaining < stage_limit:
+                stage_log.warning("workflow.timed_out")
+                return _timed_out(None, started, workflow_timeout)
+            error = ErrorInfo(
+                type="StageTimeoutError", message=f"stage {name!r} exceeded {stage_limit}s"
+            )
+        else:
+            error = _error_info(exc)
+        stage_log.warning("stage.failed", error_type=error.type, error=error.message)
+        return RunResult(
+            RunStatus.FAILED,
+            [stage_finished(started, now=now_iso(), error=error)],
+            error=error,
+            permanent=isinstance(exc, PermanentError),
+            retry_delay=exc.delay if isinstance(exc, RetryableError) else None,
+        )
+    stage_log.info("stage.finished")
+    return stage_finished(started, now=now_iso(), output=output)

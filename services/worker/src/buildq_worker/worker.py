@@ -7,7 +7,7 @@
   well before either expires (invariant 4).
 - ``request_shutdown()`` drains: stop receiving, let runs finish within
   ``drain_seconds``, then release the rest so another worker takes them at once
-  (invariant 7).
+  (invariant 7). A second call releases at once.
 """
 
 from __future__ import annotations
@@ -15,27 +15,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from buildq.errors import (
-    LeaseLostError,
-    MessageError,
-    UnavailableError,
-    UnknownWorkflowError,
-)
-from buildq.messages import BuildMessage, decode
-from buildq.models import ErrorInfo, ProjectStatus
+from buildq.errors import LeaseLostError, MessageError, UnavailableError, UnknownWorkflowError
+from buildq.messages import BuildMessage, BuildReason, build_message, decode
+from buildq.models import ErrorInfo, Project, ProjectStatus
 from buildq.queue import BuildQueue, DeadLetter, ReceivedMessage
 from buildq.settings import WorkerSettings
 from buildq.store import ClaimRefusedError, ProjectStore, RunToken
 from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_outcome
 from buildq.workflows.registry import WorkflowRegistry
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
+from buildq_worker.sweeper import Sweeper
 
 log = structlog.get_logger()
+
+SQS_MAX_DELAY = 900  # seconds: the longest DelaySeconds a new message can have
+SQS_MAX_VISIBILITY = 43_200  # seconds: 12 h
 
 
 @dataclass
@@ -43,9 +44,19 @@ class ActiveRun:
     """One received message and, once claimed, the run it drives."""
 
     message: ReceivedMessage
+    received_at: float = field(default_factory=time.monotonic)
     token: RunToken | None = None
+    attempts_used: int = 0  # of the budget, this run included (claims less releases)
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # handles the message, start to end
+    workflow_task: asyncio.Task[RunResult] | None = None  # the workflow itself
+    message_deleted: bool = False  # held past the 12 h cap: runs on its lease alone
+    releasing: bool = False  # the worker is draining: hand the run back
+    lease_lost: bool = False  # another worker owns the project now: write nothing
+
+    def stop_workflow(self) -> None:
+        if self.workflow_task is not None and not self.workflow_task.done():
+            self.workflow_task.cancel()
 
 
 class Worker:
@@ -61,8 +72,17 @@ class Worker:
         self.queue = queue
         self.registry = registry
         self.capacity = settings.max_workflow_workers
+        self.sweeper = Sweeper(
+            store,
+            queue,
+            owner=settings.worker_id,
+            interval=settings.sweep_interval,
+            queued_after=settings.sweep_queued_after,
+            building_after=settings.sweep_building_after,
+        )
         self._runs: dict[str, ActiveRun] = {}  # by SQS message id
         self._stopping = asyncio.Event()
+        self._release_now = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._backoff = Backoff(settings.retry_base_seconds, settings.retry_cap_seconds)
 
@@ -71,22 +91,29 @@ class Worker:
         return len(self._runs)
 
     def request_shutdown(self) -> None:
-        """Stop receiving and start draining. Safe to call twice."""
-        if not self._stopping.is_set():
-            log.info("worker.draining", active=self.active)
+        """First call: stop receiving and drain. Second call: release at once."""
+        if self._stopping.is_set():
+            log.info("worker.release_now", active=self.active)
+            self._release_now.set()
+            return
+        log.info("worker.draining", active=self.active)
         self._stopping.set()
 
     async def run(self) -> None:
         await self._wait_for_queue()
         log.info("worker.started", slots=self.capacity)
-        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        background = [
+            asyncio.create_task(self._every(self._heartbeat_interval(), self._heartbeat)),
+            asyncio.create_task(self._every(self.settings.sweep_interval, self.sweeper.tick)),
+            asyncio.create_task(self._watch_loop_lag()),
+        ]
         try:
             await self._receive_loop()
             await self._drain()
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
         log.info("worker.stopped")
 
     # -- receiving ---------------------------------------------------------
@@ -132,12 +159,13 @@ class Worker:
         self, waitable: asyncio.Event | asyncio.Task[Any] | None, limit: float | None = None
     ) -> None:
         """Wait for ``waitable`` (or ``limit`` seconds), but never past a shutdown request."""
-        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._stopping.wait())}
-        owned = set(waiters)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        owned: list[asyncio.Future[Any]] = [stop]
+        waiters: set[asyncio.Future[Any]] = {stop}
         if isinstance(waitable, asyncio.Event):
             event_wait = asyncio.ensure_future(waitable.wait())
+            owned.append(event_wait)
             waiters.add(event_wait)
-            owned.add(event_wait)
         elif waitable is not None:
             waiters.add(waitable)
         try:
@@ -154,23 +182,21 @@ class Worker:
     # -- one message -------------------------------------------------------
 
     async def _handle(self, run: ActiveRun) -> None:
-        message = run.message
-        structlog.contextvars.bind_contextvars(message_id=message.message_id)
+        structlog.contextvars.bind_contextvars(message_id=run.message.message_id)
         try:
             await self._process(run)
-        except asyncio.CancelledError:
-            raise
+        except LeaseLostError:
+            log.warning("project.lease_lost")
         except Exception:
             # The message stays un-deleted: it reappears after the visibility timeout.
             log.exception("message.unhandled_error")
         finally:
-            self._runs.pop(message.message_id, None)
+            self._runs.pop(run.message.message_id, None)
             self._slot_freed.set()
 
     async def _process(self, run: ActiveRun) -> None:
-        message = run.message
         try:
-            build = decode(message.body)
+            build = decode(run.message.body)
         except MessageError as exc:
             await self._dead_letter(run, ErrorInfo(type="PoisonMessage", message=str(exc)), 0)
             return
@@ -190,44 +216,68 @@ class Worker:
         run.token = RunToken(
             build.tenant_id, build.project_id, self.settings.worker_id, project.attempt
         )
+        run.attempts_used = project.attempts_used
         structlog.contextvars.bind_contextvars(attempt=project.attempt)
-        log.info("project.claimed", reason=build.reason.value, receive_count=message.receive_count)
+        log.info(
+            "project.claimed",
+            reason=build.reason.value,
+            receive_count=run.message.receive_count,
+            queue_lag_ms=max(0, int(time.time() * 1000) - run.message.sent_at_ms),
+        )
+        result = await self._run(run, project)
+        if result.status is RunStatus.INTERRUPTED:
+            if run.lease_lost:
+                log.warning("project.lease_lost")
+            else:
+                await self._release(run, result)
+            return
+        await self._settle(run, result)
+
+    async def _run(self, run: ActiveRun, project: Project) -> RunResult:
+        assert run.token is not None
+        if project.attempts_used > self.settings.max_attempts:
+            # Earlier attempts ended with no result at all: their workers died,
+            # maybe because of this very project. Do not try again.
+            error = ErrorInfo(
+                type="AttemptsExhausted",
+                message=f"{project.attempts_used - 1} attempts ended without a result",
+            )
+            return RunResult(RunStatus.FAILED, [], error=error, permanent=True)
         try:
             workflow = self.registry.get(project.workflow)
         except UnknownWorkflowError as exc:
-            result = RunResult(
-                RunStatus.FAILED,
-                [],
-                error=ErrorInfo(type="UnknownWorkflowError", message=str(exc)),
-                permanent=True,
+            error = ErrorInfo(type="UnknownWorkflowError", message=str(exc))
+            return RunResult(RunStatus.FAILED, [], error=error, permanent=True)
+        if project.cancel_requested:
+            run.cancel_event.set()
+        run.workflow_task = asyncio.create_task(
+            run_workflow(
+                project=project,
+                workflow=workflow,
+                store=self.store,
+                token=run.token,
+                log=log.bind(),
+                default_stage_timeout=self.settings.stage_timeout,
+                workflow_timeout=workflow.timeout or self.settings.workflow_timeout,
+                cancel_event=run.cancel_event,
             )
-        else:
-            if project.cancel_requested:
-                run.cancel_event.set()
-            try:
-                result = await run_workflow(
-                    project=project,
-                    workflow=workflow,
-                    store=self.store,
-                    token=run.token,
-                    log=log.bind(),
-                    default_stage_timeout=self.settings.stage_timeout,
-                    cancel_event=run.cancel_event,
-                )
-            except LeaseLostError:
-                log.warning("project.lease_lost")
-                return
+        )
+        if run.releasing:  # the drain deadline passed while this run was being claimed
+            run.stop_workflow()
         try:
-            await self._settle(run, result)
-        except LeaseLostError:
-            log.warning("project.lease_lost")
+            return await run.workflow_task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this handler itself is being cancelled
+            # Stopped before its first step: nothing ran, nothing to checkpoint.
+            return RunResult(RunStatus.INTERRUPTED, [])
 
     async def _refused(self, run: ActiveRun, build: BuildMessage, exc: ClaimRefusedError) -> None:
         message = run.message
         if exc.refusal is ClaimRefusal.MISSING:
             if message.receive_count <= self.settings.missing_project_retries:
-                # The API's PutItem may still be landing (or eventually consistent):
-                # look again shortly.
+                # The API's PutItem may still be landing: look again shortly.
                 delay = 2 * message.receive_count
                 log.info("message.project_missing", retry_in=delay)
                 await self.queue.change_visibility(message.receipt_handle, delay)
@@ -237,8 +287,18 @@ class Worker:
             )
             await self._dead_letter(run, error, 0)
             return
-        # Terminal, leased by another live worker, or waiting for a replay: this
-        # message is a duplicate or stale, and the record already says what to do.
+        lease = exc.current.lease_expires_at if exc.current else None
+        if exc.refusal is ClaimRefusal.LEASED and lease is not None:
+            left = lease - int(time.time() * 1000)
+            if left < 10_000:
+                # The holder's lease is about to run out: it may have died with
+                # this very message. Look again just after the lease expires.
+                delay = max(1, left // 1000 + 2)
+                log.info("message.lease_expiring", retry_in=delay)
+                await self.queue.change_visibility(message.receipt_handle, delay)
+                return
+        # Terminal, leased by a live worker, or FAILED awaiting a replay: this message
+        # is a duplicate or stale, and the record already says what happens next.
         log.info("message.dropped", refusal=exc.refusal.value)
         await self.queue.delete(message.receipt_handle)
 
@@ -246,35 +306,47 @@ class Worker:
         """Write the run's final state, then act on the message."""
         token = run.token
         assert token is not None
-        handle = run.message.receipt_handle
-        if result.status is RunStatus.SUCCEEDED:
-            await self.store.finish(token, ProjectStatus.SUCCEEDED, stages=result.stages)
-            await self.queue.delete(handle)
-            log.info("project.succeeded")
+        if result.status in (RunStatus.SUCCEEDED, RunStatus.CANCELLED):
+            status = (
+                ProjectStatus.SUCCEEDED
+                if result.status is RunStatus.SUCCEEDED
+                else ProjectStatus.CANCELLED
+            )
+            await self.store.finish(token, status, stages=result.stages)
+            await self._delete(run)
+            log.info(f"project.{status.value.lower()}")
             return
-        if result.status is RunStatus.CANCELLED:
-            await self.store.finish(token, ProjectStatus.CANCELLED, stages=result.stages)
-            await self.queue.delete(handle)
-            log.info("project.cancelled")
-            return
+        assert result.error is not None
         outcome = failure_outcome(
-            attempt=token.attempt,
+            attempt=run.attempts_used,
             max_attempts=self.settings.max_attempts,
             permanent=result.permanent,
         )
         if outcome is FailureOutcome.RETRY:
             delay = result.retry_delay
             if delay is None:
-                delay = self._backoff.delay(token.attempt)
+                delay = self._backoff.delay(run.attempts_used)
             await self.store.requeue(token, error=result.error, stages=result.stages)
-            await self.queue.change_visibility(handle, int(min(delay, 43_000)))
-            log.info("project.retry_scheduled", retry_in=round(delay, 2))
+            if run.message_deleted:
+                await self.queue.send(
+                    build_message(token.tenant_id, token.project_id, BuildReason.RETRY),
+                    delay_seconds=int(min(delay, SQS_MAX_DELAY)),
+                )
+            else:
+                await self.queue.change_visibility(
+                    run.message.receipt_handle, int(min(delay, SQS_MAX_VISIBILITY - 60))
+                )
+            log.info(
+                "project.retry_scheduled",
+                retry_in=round(delay, 2),
+                error_type=result.error.type,
+                error=result.error.message,
+            )
             return
         await self.store.finish(
             token, ProjectStatus.FAILED, error=result.error, stages=result.stages
         )
-        assert result.error is not None
-        await self._dead_letter(run, result.error, token.attempt)
+        await self._dead_letter(run, result.error, run.attempts_used)
         log.warning("project.failed", error_type=result.error.type, error=result.error.message)
 
     async def _dead_letter(self, run: ActiveRun, error: ErrorInfo, attempts: int) -> None:
@@ -286,70 +358,123 @@ class Worker:
             run.message.body,
             DeadLetter(error=error, attempts=attempts, worker_id=self.settings.worker_id),
         )
-        await self.queue.delete(run.message.receipt_handle)
+        await self._delete(run)
         log.warning("message.dead_lettered", error_type=error.type, error=error.message)
+
+    async def _release(self, run: ActiveRun, result: RunResult) -> None:
+        """Hand a run back: project QUEUED with its checkpoint, lease cleared, and a
+        fresh message, so a release neither uses an attempt nor counts toward the
+        queue's redrive limit. A crash before the delete leaves a harmless duplicate."""
+        token = run.token
+        assert token is not None
+        await self.store.release(token, stages=result.stages)
+        await self.queue.send(build_message(token.tenant_id, token.project_id, BuildReason.RELEASE))
+        await self._delete(run)
+        log.info("project.released")
+
+    async def _delete(self, run: ActiveRun) -> None:
+        if not run.message_deleted:
+            await self.queue.delete(run.message.receipt_handle)
+            run.message_deleted = True
 
     # -- heartbeats --------------------------------------------------------
 
-    async def _heartbeat_loop(self) -> None:
-        interval = max(0.2, min(self.settings.visibility_timeout, self.settings.lease_seconds) / 3)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._heartbeat()
-            except Exception:
-                log.exception("heartbeat.failed")
+    def _heartbeat_interval(self) -> float:
+        # Well before either the visibility timeout or the lease runs out.
+        shortest = min(self.settings.visibility_timeout, self.settings.lease_seconds)
+        return max(0.2, shortest / 3)
 
     async def _heartbeat(self) -> None:
         runs = list(self._runs.values())
         if not runs:
             return
-        failed = await self.queue.change_visibility_batch(
-            [run.message.receipt_handle for run in runs], self.settings.visibility_timeout
-        )
-        if failed:
-            log.warning("heartbeat.visibility_failed", count=len(failed))
+        too_old = time.monotonic() - self.settings.max_message_hold
+        held = [run for run in runs if not run.message_deleted]
+        for run in held:
+            if run.token is not None and run.received_at < too_old:
+                # SQS caps a message's total visibility at 12 h: let it go and carry
+                # on under the lease alone (the sweeper covers a crash from here on).
+                await self._delete(run)
+                log.info("message.released_to_lease", project_id=run.token.project_id)
+        handles = [run.message.receipt_handle for run in held if not run.message_deleted]
+        if handles:
+            failed = await self.queue.change_visibility_batch(
+                handles, self.settings.visibility_timeout
+            )
+            if failed:
+                log.warning("heartbeat.visibility_failed", count=len(failed))
         claimed = [run for run in runs if run.token is not None]
-        results = await asyncio.gather(
-            *(
-                self.store.extend_lease(run.token, self.settings.lease_seconds)
-                for run in claimed
-                if run.token is not None
-            ),
-            return_exceptions=True,
+        outcomes = await asyncio.gather(
+            *(self._extend(run) for run in claimed), return_exceptions=True
         )
-        for run, outcome in zip(claimed, results, strict=True):
-            if isinstance(outcome, LeaseLostError) and run.task is not None:
-                # Another worker owns the project now: stop at once, write nothing more.
-                log.warning("project.lease_lost", project_id=run.token and run.token.project_id)
-                run.task.cancel()
-            elif isinstance(outcome, Exception):
-                log.warning("heartbeat.lease_failed", error=str(outcome))
+        for run, outcome in zip(claimed, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.warning(
+                    "heartbeat.lease_failed",
+                    project_id=run.token and run.token.project_id,
+                    error=str(outcome),
+                )
+
+    async def _extend(self, run: ActiveRun) -> None:
+        assert run.token is not None
+        try:
+            cancel = await self.store.extend_lease(run.token, self.settings.lease_seconds)
+        except LeaseLostError:
+            # Another worker owns the project now: stop at once, write nothing more.
+            run.lease_lost = True
+            run.stop_workflow()
+            return
+        if cancel and not run.cancel_event.is_set():
+            log.info("project.cancel_seen", project_id=run.token.project_id)
+            run.cancel_event.set()
+
+    async def _every(self, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except Exception:
+                log.exception("worker.background_job_failed", job=job.__name__)
+
+    async def _watch_loop_lag(self) -> None:
+        """Log when the event loop is blocked (a sync stage not in a thread, say)."""
+        loop = asyncio.get_running_loop()
+        period = 0.25
+        while True:
+            before = loop.time()
+            await asyncio.sleep(period)
+            lag = loop.time() - before - period
+            if lag > self.settings.loop_lag_warning:
+                log.warning("worker.event_loop_lag", lag_ms=round(lag * 1000))
 
     # -- shutdown ----------------------------------------------------------
 
     async def _drain(self) -> None:
-        tasks = [run.task for run in self._runs.values() if run.task is not None]
-        if not tasks:
+        if not self._runs:
             return
-        log.info("worker.drain_waiting", active=len(tasks), seconds=self.settings.drain_seconds)
-        _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_seconds)
-        if not pending:
-            return
-        releasing = [run for run in self._runs.values() if run.task in pending]
-        for run in releasing:
-            assert run.task is not None
-            run.task.cancel()
-        await asyncio.gather(*(run.task for run in releasing if run.task), return_exceptions=True)
-        await asyncio.gather(*(self._release(run) for run in releasing), return_exceptions=True)
-
-    async def _release(self, run: ActiveRun) -> None:
-        """Hand a run back: project to QUEUED, lease cleared, message visible at once."""
-        if run.token is not None:
-            with contextlib.suppress(LeaseLostError):
-                await self.store.requeue(run.token, error=None)
-        await self.queue.change_visibility(run.message.receipt_handle, 0)
-        log.info("project.released", project_id=run.token and run.token.project_id)
+        log.info("worker.drain_waiting", active=self.active, seconds=self.settings.drain_seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_seconds
+        while self._runs and not self._release_now.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._slot_freed.clear()
+            waiters = [
+                asyncio.ensure_future(self._slot_freed.wait()),
+                asyncio.ensure_future(self._release_now.wait()),
+            ]
+            await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        # Whatever still runs is handed back: each run's own task writes its
+        # checkpoint and releases it (see _process), so nothing races its writes.
+        for run in list(self._runs.values()):
+            run.releasing = True
+            run.stop_workflow()
+        handlers = [run.task for run in self._runs.values() if run.task is not None]
+        if handlers:
+            await asyncio.wait(handlers, timeout=30)
 
     async def _wait_for_queue(self) -> None:
         """At start-up the emulator or bootstrap may not be ready yet: wait for the queue."""

@@ -124,6 +124,34 @@ async def get_project(
     return ProjectPublic.of(project)
 
 
+@router.post(
+    "/{project_id}/cancel",
+    status_code=202,
+    response_model=ProjectPublic,
+    summary="Cancel a project",
+    description="A QUEUED project becomes CANCELLED at once; a BUILDING one is flagged "
+    "(`cancel_requested`) and its worker stops it at the next checkpoint.",
+    responses={
+        404: {**_problem, "description": "No such project"},
+        409: {**_problem, "description": "The project has already ended"},
+        **_errors,
+    },
+)
+async def cancel_project(
+    project_id: Annotated[str, Path(pattern=ULID_PATTERN, description="Project id (ULID)")],
+    tenant: TenantDep,
+    store: StoreDep,
+) -> ProjectPublic:
+    project = await store.request_cancel(tenant, project_id)
+    structlog.get_logger().info(
+        "project.cancel_requested",
+        project_id=project_id,
+        tenant_id=tenant,
+        status=project.status.value,
+    )
+    return ProjectPublic.of(project)
+
+
 @router.get(
     "",
     response_model=ProjectPage,
