@@ -7,6 +7,7 @@ talks to the emulator over HTTP, exactly as in production.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import httpx
 from buildq.aws import aws_clients
 from buildq.resources import bootstrap
 from buildq.settings import Settings
+from buildq.store import DynamoProjectStore
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -65,6 +67,26 @@ class Proc:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The process's structured log lines (JSON), optionally of one event."""
+        parsed = []
+        for line in self.log().splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if event is None or record.get("event") == event:
+                parsed.append(record)
+        return parsed
+
+    def kill(self) -> float:
+        """SIGKILL, wait until it is gone; returns the time of death (epoch seconds)."""
+        self.popen.kill()
+        self.popen.wait()
+        return time.time()
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -218,6 +240,47 @@ class Stack:
             "delayed": int(attributes["ApproximateNumberOfMessagesDelayed"]),
         }
 
+    def send_raw(self, body: str) -> None:
+        """Put a message on the build queue as any producer could."""
+        self.client("sqs").send_message(QueueUrl=self.queue_url(), MessageBody=body)
+
+    def dlq_messages(self) -> list[tuple[str, dict[str, str]]]:
+        """Every message on the DLQ: (body, attributes). They stay hidden for 60 s."""
+        sqs = self.client("sqs")
+        found: list[tuple[str, dict[str, str]]] = []
+        while True:
+            batch = sqs.receive_message(
+                QueueUrl=self.queue_url(dlq=True),
+                MaxNumberOfMessages=10,
+                MessageAttributeNames=["All"],
+                VisibilityTimeout=60,
+                WaitTimeSeconds=0,
+            ).get("Messages", [])
+            if not batch:
+                return found
+            for message in batch:
+                attributes = {
+                    name: value["StringValue"]
+                    for name, value in message.get("MessageAttributes", {}).items()
+                }
+                found.append((message["Body"], attributes))
+
+    def with_store(self, fn: Callable[[DynamoProjectStore], Awaitable[T]]) -> T:
+        """Run ``fn`` with this stack's real DynamoDB store (over HTTP to the emulator)."""
+        settings = Settings(table_name=self.table_name)
+
+        async def main() -> T:
+            async with aws_clients(settings) as clients:
+                return await fn(DynamoProjectStore.from_settings(clients.dynamodb, settings))
+
+        return asyncio.run(main())
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Structured log lines of every process of this stack."""
+        return [
+            {**record, "_proc": proc.name} for proc in self.procs for record in proc.events(event)
+        ]
+
     def table_items(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.client("dynamodb").scan(TableName=self.table_name)[
             "Items"
@@ -245,6 +308,7 @@ class Stack:
         return url
 
     def start_worker(self, **settings: Any) -> Proc:
+        """Start a ``buildq-worker`` with these settings (``worker_id`` = its name)."""
         name = f"worker-{len([p for p in self.procs if p.name.startswith('worker')]) + 1}"
         settings.setdefault("worker_id", f"{name}-{self.suffix}")
         proc = start_process(name, [str(BIN / "buildq-worker")], self.env(**settings), self.log_dir)

@@ -69,6 +69,9 @@ class ProjectPublic(BaseModel):
     parameters: dict[str, Any]
     status: ProjectStatus
     attempt: int = Field(description="How many times a worker has started this project")
+    releases: int = Field(
+        description="How many of those runs a draining worker handed back (they cost no attempt)"
+    )
     created_at: str
     updated_at: str
     started_at: str | None
@@ -87,6 +90,7 @@ class ProjectPublic(BaseModel):
             parameters=project.parameters,
             status=project.status,
             attempt=project.attempt,
+            releases=project.releases,
             created_at=project.created_at,
             updated_at=project.updated_at,
             started_at=project.started_at,

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -85,6 +84,7 @@ class Worker:
         self._release_now = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._backoff = Backoff(settings.retry_base_seconds, settings.retry_cap_seconds)
+        self._hand_back: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> int:
@@ -110,6 +110,8 @@ class Worker:
         try:
             await self._receive_loop()
             await self._drain()
+            if self._hand_back is not None:
+                await self._hand_back
         finally:
             for task in background:
                 task.cancel()
@@ -149,11 +151,21 @@ class Worker:
         )
         await self._until(receive)
         if not receive.done():
-            receive.cancel()  # unreceived messages simply stay in the queue
-            with contextlib.suppress(asyncio.CancelledError):
-                await receive
+            # Shutting down mid-poll. Cancelling the call would not stop SQS from
+            # handing it messages (they would stay hidden for the visibility
+            # timeout), so let it finish and hand back whatever it got at once.
+            self._hand_back = asyncio.create_task(self._return_unstarted(receive))
             return []
         return receive.result()
+
+    async def _return_unstarted(self, receive: asyncio.Task[list[ReceivedMessage]]) -> None:
+        try:
+            messages = await receive
+        except UnavailableError:
+            return
+        if messages:
+            await self.queue.change_visibility_batch([m.receipt_handle for m in messages], 0)
+            log.info("worker.returned_unstarted", count=len(messages))
 
     async def _until(
         self, waitable: asyncio.Event | asyncio.Task[Any] | None, limit: float | None = None
@@ -398,11 +410,17 @@ class Worker:
                 log.info("message.released_to_lease", project_id=run.token.project_id)
         handles = [run.message.receipt_handle for run in held if not run.message_deleted]
         if handles:
-            failed = await self.queue.change_visibility_batch(
-                handles, self.settings.visibility_timeout
+            failed = set(
+                await self.queue.change_visibility_batch(handles, self.settings.visibility_timeout)
             )
-            if failed:
-                log.warning("heartbeat.visibility_failed", count=len(failed))
+            # A run that ended meanwhile has deleted its message: that failure is expected.
+            live = [
+                run.message.message_id
+                for run in self._runs.values()
+                if run.message.receipt_handle in failed and not run.message_deleted
+            ]
+            if live:
+                log.warning("heartbeat.visibility_failed", message_ids=live)
         claimed = [run for run in runs if run.token is not None]
         outcomes = await asyncio.gather(
             *(self._extend(run) for run in claimed), return_exceptions=True
