@@ -43,12 +43,6 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, description="Workflow attempts before a project is FAILED and dead-lettered"
     )
-    sweep_queued_after: float = Field(
-        300.0, gt=0, description="A QUEUED project is re-enqueued by the sweeper after this, s"
-    )
-    sweep_building_after: float = Field(
-        60.0, gt=0, description="A BUILDING project is re-enqueued this long past its lease, s"
-    )
     default_tenant: str = Field("demo", description="Tenant used until API keys are configured")
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -110,6 +104,12 @@ class WorkerSettings(Settings):
         gt=0,
         description="Hold a message this long at most (SQS caps it at 12 h), then run on the "
         "lease alone, s",
+    )
+    sweep_queued_after: float = Field(
+        300.0, gt=0, description="A QUEUED project is re-enqueued by the sweeper after this, s"
+    )
+    sweep_building_after: float = Field(
+        60.0, gt=0, description="A BUILDING project is re-enqueued this long past its lease, s"
     )
     sweep_interval: float = Field(
         30.0, gt=0, description="How often a worker tries to run the sweeper, s"

@@ -47,7 +47,8 @@ class RunToken:
 
 @dataclass(frozen=True)
 class SweepCandidate:
-    """An active project whose time in the sweeper index has come."""
+    """An active project in the sweeper index: QUEUED since, or BUILDING with a lease
+    that expires (expired) at, ``sweep_at``."""
 
     tenant_id: str
     project_id: str
@@ -88,8 +89,10 @@ class ProjectStore(Protocol):
     async def release(self, token: RunToken, *, stages: Sequence[StageSnapshot] = ()) -> None: ...
     async def request_cancel(self, tenant_id: str, project_id: str) -> Project: ...
     async def acquire_lock(self, name: str, owner: str, seconds: float) -> bool: ...
-    async def due_for_sweep(self, shard: int, *, limit: int) -> list[SweepCandidate]: ...
-    async def mark_swept(self, candidate: SweepCandidate, *, next_sweep_at: int) -> bool: ...
+    async def due_for_sweep(
+        self, shard: int, *, before: int, limit: int
+    ) -> list[SweepCandidate]: ...
+    async def mark_swept(self, candidate: SweepCandidate) -> bool: ...
     async def ping(self) -> None: ...
 
 
@@ -143,34 +146,22 @@ class _Update:
 class DynamoProjectStore:
     """``ProjectStore`` on one DynamoDB table (async, aiobotocore)."""
 
-    def __init__(
-        self,
-        client: DynamoDBClient,
-        table_name: str,
-        *,
-        sweep_queued_after: float = 300.0,
-        sweep_building_after: float = 60.0,
-    ) -> None:
+    # Every active project carries ``sweep_at`` in the sweeper index: when it was
+    # queued, or when its lease expires. The sweeper alone decides how old is too
+    # old, so the API and the workers need not agree on any threshold.
+
+    def __init__(self, client: DynamoDBClient, table_name: str) -> None:
         self._client = client
         self._table = table_name
-        # When an active project becomes "suspicious" for the sweeper: QUEUED for
-        # this long, or BUILDING this long past its lease expiry.
-        self._sweep_queued_ms = int(sweep_queued_after * 1000)
-        self._sweep_building_ms = int(sweep_building_after * 1000)
 
     @classmethod
     def from_settings(cls, client: DynamoDBClient, settings: Settings) -> DynamoProjectStore:
-        return cls(
-            client,
-            settings.table_name,
-            sweep_queued_after=settings.sweep_queued_after,
-            sweep_building_after=settings.sweep_building_after,
-        )
+        return cls(client, settings.table_name)
 
     # -- the API's side ------------------------------------------------------
 
     async def create(self, project: Project) -> None:
-        item = project_to_item(project, sweep_at=epoch_ms() + self._sweep_queued_ms)
+        item = project_to_item(project, sweep_at=epoch_ms())
         with translate_errors("PutItem"):
             await self._client.put_item(
                 TableName=self._table,
@@ -262,7 +253,7 @@ class DynamoProjectStore:
             .set("lease_expires_at", expires)
             .set("worker_id", worker_id)
             .set("updated_at", iso(now))
-            .set("sweep_at", expires + self._sweep_building_ms)
+            .set("sweep_at", expires)
         )
         started = update.name("started_at")
         update.sets.append(f"{started} = if_not_exists({started}, {update.value(iso(now))})")
@@ -298,11 +289,7 @@ class DynamoProjectStore:
     async def extend_lease(self, token: RunToken, lease_seconds: float) -> bool:
         """Push the lease out; returns whether a cancel has been requested."""
         expires = epoch_ms() + int(lease_seconds * 1000)
-        update = (
-            _Update()
-            .set("lease_expires_at", expires)
-            .set("sweep_at", expires + self._sweep_building_ms)
-        )
+        update = _Update().set("lease_expires_at", expires).set("sweep_at", expires)
         return await self._fenced(token, update, "extend_lease", want_cancel=True)
 
     async def finish(
@@ -350,7 +337,7 @@ class DynamoProjectStore:
             .set_stages(stages)
             .set("status", ProjectStatus.QUEUED.value)
             .set("updated_at", iso(utcnow()))
-            .set("sweep_at", epoch_ms() + self._sweep_queued_ms)
+            .set("sweep_at", epoch_ms())
             .remove("lease_owner", "lease_expires_at")
         )
 
@@ -385,16 +372,17 @@ class DynamoProjectStore:
             return False
         return True
 
-    async def due_for_sweep(self, shard: int, *, limit: int) -> list[SweepCandidate]:
-        """Active projects of one index shard whose ``sweep_at`` has passed, oldest first."""
+    async def due_for_sweep(self, shard: int, *, before: int, limit: int) -> list[SweepCandidate]:
+        """Active projects of one index shard with ``sweep_at`` before ``before``, oldest
+        first."""
         with translate_errors("Query(sweep)"):
             response = await self._client.query(
                 TableName=self._table,
                 IndexName=SWEEP_INDEX,
-                KeyConditionExpression="sweep_shard = :shard AND sweep_at <= :now",
+                KeyConditionExpression="sweep_shard = :shard AND sweep_at <= :before",
                 ExpressionAttributeValues={
                     ":shard": {"S": shard_key(shard)},
-                    ":now": {"N": str(epoch_ms())},
+                    ":before": {"N": str(before)},
                 },
                 Limit=limit,
             )
@@ -412,9 +400,10 @@ class DynamoProjectStore:
             )
         return candidates
 
-    async def mark_swept(self, candidate: SweepCandidate, *, next_sweep_at: int) -> bool:
-        """Push the candidate's ``sweep_at`` on, if nothing changed it meanwhile."""
-        update = _Update().set("sweep_at", next_sweep_at)
+    async def mark_swept(self, candidate: SweepCandidate) -> bool:
+        """Restart the candidate's clock (``sweep_at`` = now), if nothing changed it
+        meanwhile; False if something did (another sweeper, or the project moved on)."""
+        update = _Update().set("sweep_at", epoch_ms())
         condition = (
             f"{update.name('sweep_at')} = {update.value(candidate.sweep_at)}"
             f" AND {update.name('status')} = {update.value(candidate.status.value)}"

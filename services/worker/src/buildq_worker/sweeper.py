@@ -53,16 +53,19 @@ class Sweeper:
 
     async def sweep(self) -> int:
         enqueued = 0
+        now = epoch_ms()
+        cutoff = {
+            ProjectStatus.QUEUED: now - self._queued_after_ms,
+            ProjectStatus.BUILDING: now - self._building_after_ms,
+        }
+        earliest = max(cutoff.values())
         for shard in range(SWEEP_SHARDS):
-            for candidate in await self.store.due_for_sweep(shard, limit=BATCH):
-                wait_ms = (
-                    self._queued_after_ms
-                    if candidate.status is ProjectStatus.QUEUED
-                    else self._building_after_ms
-                )
+            for candidate in await self.store.due_for_sweep(shard, before=earliest, limit=BATCH):
+                if candidate.sweep_at > cutoff.get(candidate.status, earliest):
+                    continue
                 # Mark first: a concurrent sweeper (or the project moving on) makes
                 # this a no-op; a crash before the send only delays it one period.
-                if not await self.store.mark_swept(candidate, next_sweep_at=epoch_ms() + wait_ms):
+                if not await self.store.mark_swept(candidate):
                     continue
                 await self.queue.send(
                     build_message(candidate.tenant_id, candidate.project_id, BuildReason.SWEEP)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -342,11 +343,11 @@ class Worker:
             if run.message_deleted:
                 await self.queue.send(
                     build_message(token.tenant_id, token.project_id, BuildReason.RETRY),
-                    delay_seconds=int(min(delay, SQS_MAX_DELAY)),
+                    delay_seconds=math.ceil(min(delay, SQS_MAX_DELAY)),
                 )
             else:
                 await self.queue.change_visibility(
-                    run.message.receipt_handle, int(min(delay, SQS_MAX_VISIBILITY - 60))
+                    run.message.receipt_handle, math.ceil(min(delay, SQS_MAX_VISIBILITY - 60))
                 )
             log.info(
                 "project.retry_scheduled",
