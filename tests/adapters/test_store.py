@@ -210,3 +210,49 @@ def test_list_pages_newest_first(stack: Stack) -> None:
     pages = run(scenario, stack)
     flat = [pid for page in pages for pid in page]
     assert flat == [p.project_id for p in reversed(projects)]
+
+
+def test_the_sweeper_lock_is_held_by_one_owner_until_it_expires(stack: Stack) -> None:
+    async def scenario(store: DynamoProjectStore) -> list[bool]:
+        results = [
+            await store.acquire_lock("sweeper", "w1", 0.3),
+            await store.acquire_lock("sweeper", "w2", 0.3),  # held by w1
+            await store.acquire_lock("sweeper", "w1", 0.3),  # w1 renews
+        ]
+        await asyncio.sleep(0.4)
+        results.append(await store.acquire_lock("sweeper", "w2", 0.3))  # expired: w2 takes it
+        results.append(await store.acquire_lock("sweeper", "w1", 0.3))
+        return results
+
+    assert run(scenario, stack) == [True, False, True, True, False]
+
+
+def test_sweep_candidates_come_from_the_index_and_leave_it_when_done(stack: Stack) -> None:
+    from buildq.items import SWEEP_SHARDS, sweep_shard
+
+    project = a_project()
+    shard = int(sweep_shard(project.project_id).split("#")[1])
+    assert 0 <= shard < SWEEP_SHARDS
+
+    async def scenario(store: DynamoProjectStore) -> tuple[int, bool, bool, int]:
+        await store.create(project)
+        far = int(time.time() * 1000) + 60_000
+        found = await store.due_for_sweep(shard, before=far, limit=10)
+        mine = [c for c in found if c.project_id == project.project_id]
+        assert [c.status for c in mine] == [ProjectStatus.QUEUED]
+        await asyncio.sleep(0.01)  # so "now" differs from the creation time
+        first = await store.mark_swept(mine[0])
+        again = await store.mark_swept(mine[0])  # stale: sweep_at moved on
+        got = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
+        await store.finish(
+            RunToken("t1", project.project_id, "w1", got.attempt), ProjectStatus.SUCCEEDED
+        )
+        after = await store.due_for_sweep(shard, before=far, limit=10)
+        return (
+            len(mine),
+            first,
+            again,
+            len([c for c in after if c.project_id == project.project_id]),
+        )
+
+    assert run(scenario, stack) == (1, True, False, 0)

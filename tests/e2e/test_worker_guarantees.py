@@ -147,8 +147,9 @@ def test_the_same_message_three_times_runs_the_project_once(stack: Stack) -> Non
 
 
 def test_sigterm_drains_finishes_the_short_and_releases_the_long(stack: Stack) -> None:
+    # One attempt only: if a release used up an attempt, the taker could not run it.
     stack.start_api()
-    draining = stack.start_worker(drain_seconds=3, **FAST)
+    draining = stack.start_worker(drain_seconds=3, max_attempts=1, **FAST)
     with stack.http() as http:
         short = create(http, "short", stage_seconds=0.4)  # 1.6 s in all
         long = create(http, "long", stage_seconds=2.0)  # 8 s in all
@@ -170,10 +171,13 @@ def test_sigterm_drains_finishes_the_short_and_releases_the_long(stack: Stack) -
         done_before = [s["name"] for s in released["stages"] if s["status"] == "SUCCEEDED"]
         assert done_before, "the long project had finished at least one stage"
         assert all(s["status"] == "PENDING" for s in released["stages"][len(done_before) :])
-        taker = stack.start_worker(**FAST)
+        taker = stack.start_worker(max_attempts=1, **FAST)
         done = stack.wait_for_status(http, long, {"SUCCEEDED", "FAILED"}, timeout=30)
-    assert done["status"] == "SUCCEEDED"
+    assert done["status"] == "SUCCEEDED", done["last_error"]
     assert done["attempt"] == 2  # claims: the drained run and the taker's
+    # The taker got a fresh message: the release did not count toward the redrive limit.
+    (claim,) = taker.events("project.claimed")
+    assert (claim["reason"], claim["receive_count"]) == ("release", 1)
     assert [e["stage"] for e in taker.events("stage.started")] == STAGES[len(done_before) :]
     wait_until(lambda: stack.queue_depth() == {"visible": 0, "in_flight": 0, "delayed": 0})
     assert stack.dlq_messages() == []
