@@ -57,6 +57,16 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
 
 
+def create_demo(http: httpx.Client, name: str = "p", **parameters: Any) -> str:
+    """POST a ``demo`` project; returns its id."""
+    response = http.post(
+        "/v1/projects", json={"name": name, "workflow": "demo", "parameters": parameters}
+    )
+    assert response.status_code == 202, response.text
+    project_id: str = response.json()["id"]
+    return project_id
+
+
 @dataclass
 class Proc:
     """A started process and its log file."""

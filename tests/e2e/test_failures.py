@@ -11,7 +11,6 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 from ulid import ULID
 
@@ -22,7 +21,7 @@ from buildq.queue import DLQ_ATTEMPTS, DLQ_ERROR_MESSAGE, DLQ_ERROR_TYPE, DLQ_WO
 from buildq.store import DynamoProjectStore
 from buildq.transitions import new_project
 from buildq.workflows.demo import DEMO, DEMO_STAGES
-from tests.harness import Stack, wait_until
+from tests.harness import Stack, create_demo, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -35,15 +34,6 @@ TOLERANCE = 0.15  # seconds of slack when comparing log timestamps
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def create(http: httpx.Client, name: str = "p", **parameters: Any) -> str:
-    response = http.post(
-        "/v1/projects", json={"name": name, "workflow": "demo", "parameters": parameters}
-    )
-    assert response.status_code == 202, response.text
-    project_id: str = response.json()["id"]
-    return project_id
 
 
 def worker_id(stack: Stack, n: int = 1) -> str:
@@ -128,7 +118,7 @@ def test_transient_failure_recovers_and_resumes_at_the_failed_stage(stack: Stack
     stack.start_api()
     stack.start_worker(max_attempts=3, **FAST_RETRY)
     with stack.http() as http:
-        project_id = create(
+        project_id = create_demo(
             http, stage_seconds=0.1, fail_at_stage="build", fail_times=2, fail_mode="transient"
         )
         done = stack.wait_for_status(http, project_id, {"SUCCEEDED", "FAILED"}, timeout=20)
@@ -165,7 +155,7 @@ def test_a_retry_waits_out_its_backoff(stack: Stack) -> None:
     stack.start_api()
     stack.start_worker(max_attempts=3, receive_wait_seconds=0, **FAST_RETRY)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=0.05, fail_at_stage="plan", fail_times=2)
+        project_id = create_demo(http, stage_seconds=0.05, fail_at_stage="plan", fail_times=2)
         done = stack.wait_for_status(http, project_id, {"SUCCEEDED", "FAILED"}, timeout=20)
     assert done["status"] == "SUCCEEDED", done
     retries = events_of(stack, "project.retry_scheduled", project_id)
@@ -184,7 +174,7 @@ def test_transient_failure_exhausts_its_attempts_and_is_dead_lettered(stack: Sta
     stack.start_api()
     stack.start_worker(max_attempts=3, **FAST_RETRY)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=0.05, fail_at_stage="build", fail_times=5)
+        project_id = create_demo(http, stage_seconds=0.05, fail_at_stage="build", fail_times=5)
         done = stack.wait_for_status(http, project_id, {"SUCCEEDED", "FAILED"}, timeout=20)
     assert done["status"] == "FAILED", done
     assert done["attempt"] == 3
@@ -212,7 +202,7 @@ def test_permanent_failure_fails_at_once_and_the_worker_carries_on(stack: Stack)
     stack.start_api()
     worker = stack.start_worker(max_attempts=3, **FAST_RETRY)
     with stack.http() as http:
-        broken = create(
+        broken = create_demo(
             http, "broken", stage_seconds=0.05, fail_at_stage="generate", fail_mode="permanent"
         )
         failed = stack.wait_for_status(http, broken, {"SUCCEEDED", "FAILED"}, timeout=15)
@@ -224,7 +214,7 @@ def test_permanent_failure_fails_at_once_and_the_worker_carries_on(stack: Stack)
         assert json.loads(body)["project_id"] == broken
         assert attributes[DLQ_ERROR_TYPE] == "PermanentError"
         assert attributes[DLQ_ATTEMPTS] == "1"
-        healthy = create(http, "healthy", stage_seconds=0.05)
+        healthy = create_demo(http, "healthy", stage_seconds=0.05)
         done = stack.wait_for_status(http, healthy, {"SUCCEEDED", "FAILED"}, timeout=15)
     assert done["status"] == "SUCCEEDED", done
     assert done["worker_id"] == worker_id(stack)
@@ -251,7 +241,7 @@ def test_poison_messages_are_dead_lettered_and_the_worker_stays_up(stack: Stack)
     assert len(stack.events("message.dead_lettered")) == 2
     assert worker.alive()
     with stack.http() as http:
-        project_id = create(http, stage_seconds=0.05)
+        project_id = create_demo(http, stage_seconds=0.05)
         done = stack.wait_for_status(http, project_id, {"SUCCEEDED", "FAILED"}, timeout=15)
     assert done["status"] == "SUCCEEDED", done
     wait_drained(stack)
@@ -261,7 +251,7 @@ def test_a_stage_past_its_timeout_fails_the_project(stack: Stack) -> None:
     stack.start_api()
     stack.start_worker(stage_timeout=0.5, max_attempts=1)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=3)
+        project_id = create_demo(http, stage_seconds=3)
         done = stack.wait_for_status(http, project_id, {"SUCCEEDED", "FAILED"}, timeout=10)
     assert done["status"] == "FAILED", done
     assert done["attempt"] == 1
@@ -382,7 +372,7 @@ def test_a_crash_loop_ends_in_failure_instead_of_running_again(stack: Stack) -> 
 def test_cancel_while_queued_is_immediate_and_the_message_is_dropped(stack: Stack) -> None:
     stack.start_api()  # no worker yet: the project stays QUEUED
     with stack.http() as http:
-        project_id = create(http, stage_seconds=0.05)
+        project_id = create_demo(http, stage_seconds=0.05)
         response = http.post(f"/v1/projects/{project_id}/cancel")
         assert response.status_code == 202, response.text
         assert response.json()["status"] == "CANCELLED"
@@ -417,7 +407,7 @@ def test_cancel_while_building_stops_the_running_stage(stack: Stack) -> None:
     stack.start_api()
     stack.start_worker(visibility_timeout=3, lease_seconds=2)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=5)
+        project_id = create_demo(http, stage_seconds=5)
         building = stack.wait_for_status(http, project_id, {"BUILDING"}, timeout=10)
         assert stage_map(building)["plan"]["status"] == "RUNNING"
         asked = time.time()
@@ -449,7 +439,7 @@ def test_a_run_past_the_message_hold_cap_finishes_on_its_lease(stack: Stack) -> 
     stack.start_api()
     stack.start_worker(max_message_hold=1.5, visibility_timeout=3, lease_seconds=2)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=1)
+        project_id = create_demo(http, stage_seconds=1)
         wait_until(
             lambda: events_of(stack, "message.released_to_lease", project_id),
             timeout=10,

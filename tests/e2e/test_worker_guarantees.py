@@ -15,22 +15,13 @@ import httpx
 import pytest
 
 from buildq.messages import BuildReason, build_message
-from tests.harness import Proc, Stack, wait_until
+from tests.harness import Proc, Stack, create_demo, wait_until
 
 pytestmark = pytest.mark.e2e
 
 STAGES = ["plan", "generate", "build", "package"]
 # Short timeouts so that a dead worker's work comes back within seconds.
 FAST = {"visibility_timeout": 3, "lease_seconds": 2}
-
-
-def create(http: httpx.Client, name: str = "p", **parameters: Any) -> str:
-    response = http.post(
-        "/v1/projects", json={"name": name, "workflow": "demo", "parameters": parameters}
-    )
-    assert response.status_code == 202, response.text
-    project_id: str = response.json()["id"]
-    return project_id
 
 
 def project_of(http: httpx.Client, project_id: str) -> dict[str, Any]:
@@ -53,7 +44,7 @@ def test_heartbeats_keep_a_long_workflow_from_being_redelivered(stack: Stack) ->
     stack.start_worker(visibility_timeout=2, lease_seconds=1)
     stack.start_worker(visibility_timeout=2, lease_seconds=1)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=3)
+        project_id = create_demo(http, stage_seconds=3)
         done = stack.wait_for_status(http, project_id, {"SUCCEEDED", "FAILED"}, timeout=40)
     assert done["status"] == "SUCCEEDED"
     assert done["attempt"] == 1
@@ -67,7 +58,7 @@ def test_a_killed_worker_s_project_resumes_elsewhere_from_its_last_stage(stack: 
     stack.start_api()
     first = stack.start_worker(**FAST)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=1.0)
+        project_id = create_demo(http, stage_seconds=1.0)
 
         def in_stage_three() -> bool:
             stages = project_of(http, project_id)["stages"]
@@ -96,7 +87,7 @@ def test_a_worker_whose_lease_was_taken_over_writes_nothing_more(stack: Stack) -
     worker = stack.start_worker()
     dynamodb = stack.client("dynamodb")
     with stack.http() as http:
-        project_id = create(http, stage_seconds=1.5)
+        project_id = create_demo(http, stage_seconds=1.5)
         wait_until(
             lambda: project_of(http, project_id)["stages"][1]["status"] == "RUNNING",
             timeout=20,
@@ -123,7 +114,7 @@ def test_a_worker_whose_lease_was_taken_over_writes_nothing_more(stack: Stack) -
         assert after["Item"] == taken["Item"]
         assert after["Item"]["status"]["S"] == "BUILDING"
         # ... and keeps serving other projects.
-        other = create(http, stage_seconds=0.05)
+        other = create_demo(http, stage_seconds=0.05)
         assert stack.wait_for_status(http, other, {"SUCCEEDED"})["attempt"] == 1
     assert worker.alive()
 
@@ -131,7 +122,7 @@ def test_a_worker_whose_lease_was_taken_over_writes_nothing_more(stack: Stack) -
 def test_the_same_message_three_times_runs_the_project_once(stack: Stack) -> None:
     stack.start_api()
     with stack.http() as http:
-        project_id = create(http, stage_seconds=0.3)  # its first message
+        project_id = create_demo(http, stage_seconds=0.3)  # its first message
         duplicate = build_message("demo", project_id, BuildReason.CREATE).encode()
         stack.send_raw(duplicate)
         stack.send_raw(duplicate)
@@ -151,8 +142,8 @@ def test_sigterm_drains_finishes_the_short_and_releases_the_long(stack: Stack) -
     stack.start_api()
     draining = stack.start_worker(drain_seconds=3, max_attempts=1, **FAST)
     with stack.http() as http:
-        short = create(http, "short", stage_seconds=0.4)  # 1.6 s in all
-        long = create(http, "long", stage_seconds=2.0)  # 8 s in all
+        short = create_demo(http, "short", stage_seconds=0.4)  # 1.6 s in all
+        long = create_demo(http, "long", stage_seconds=2.0)  # 8 s in all
         wait_until(
             lambda: all(project_of(http, p)["status"] == "BUILDING" for p in (short, long)),
             timeout=20,
@@ -187,7 +178,7 @@ def test_a_second_sigterm_releases_at_once(stack: Stack) -> None:
     stack.start_api()
     worker = stack.start_worker(drain_seconds=60, **FAST)
     with stack.http() as http:
-        project_id = create(http, stage_seconds=5)
+        project_id = create_demo(http, stage_seconds=5)
         stack.wait_for_status(http, project_id, {"BUILDING"}, timeout=20)
         signalled = time.monotonic()
         worker.signal(signal.SIGTERM)
@@ -234,7 +225,7 @@ def test_chaos_kill_a_random_worker_every_second(stack: Stack) -> None:
     deaths: dict[str, float] = {}
     rng = random.Random(7)
     with stack.http() as http, ThreadPoolExecutor(16) as pool:
-        ids = list(pool.map(lambda i: create(http, f"c{i}", stage_seconds=0.25), range(200)))
+        ids = list(pool.map(lambda i: create_demo(http, f"c{i}", stage_seconds=0.25), range(200)))
         workers: list[Proc] = [stack.start_worker(**settings) for _ in range(3)]
         deadline = time.monotonic() + 100
         kills = 0

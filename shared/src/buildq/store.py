@@ -264,22 +264,14 @@ class DynamoProjectStore:
             f" AND {lease} < {update.value(now_ms)}))"
         )
         try:
-            with translate_errors("UpdateItem(claim)"):
-                response = await self._client.update_item(
-                    TableName=self._table,
-                    Key=project_key(tenant_id, project_id),
-                    UpdateExpression=update.expression(),
-                    ConditionExpression=condition,
-                    ExpressionAttributeNames=update.names,
-                    ExpressionAttributeValues=update.values,
-                    ReturnValues="ALL_NEW",
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
+            item = await self._update(
+                project_key(tenant_id, project_id), update, condition, what="claim"
+            )
         except ConflictError as exc:
             current = project_from_item(exc.item) if exc.item else None
             refusal = claim_refusal(current, now_ms) or ClaimRefusal.LEASED
             raise ClaimRefusedError(refusal, current) from None
-        return project_from_item(response["Attributes"])
+        return project_from_item(item)
 
     async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:
         """Write stage snapshots; returns whether a cancel has been requested."""
@@ -408,16 +400,9 @@ class DynamoProjectStore:
             f"{update.name('sweep_at')} = {update.value(candidate.sweep_at)}"
             f" AND {update.name('status')} = {update.value(candidate.status.value)}"
         )
+        key = project_key(candidate.tenant_id, candidate.project_id)
         try:
-            with translate_errors("UpdateItem(sweep)"):
-                await self._client.update_item(
-                    TableName=self._table,
-                    Key=project_key(candidate.tenant_id, candidate.project_id),
-                    UpdateExpression=update.expression(),
-                    ConditionExpression=condition,
-                    ExpressionAttributeNames=update.names,
-                    ExpressionAttributeValues=update.values,
-                )
+            await self._update(key, update, condition, what="sweep", return_new=False)
         except ConflictError:
             return False
         return True
@@ -441,39 +426,44 @@ class DynamoProjectStore:
             f"{owner} = {update.value(token.worker_id)}"
             f" AND {attempt} = {update.value(token.attempt)}"
         )
+        key = project_key(token.tenant_id, token.project_id)
         try:
-            with translate_errors(f"UpdateItem({what})"):
-                response = await self._client.update_item(
-                    TableName=self._table,
-                    Key=project_key(token.tenant_id, token.project_id),
-                    UpdateExpression=update.expression(),
-                    ConditionExpression=condition,
-                    ExpressionAttributeNames=update.names,
-                    ExpressionAttributeValues=update.values,
-                    ReturnValues="ALL_NEW" if want_cancel else "NONE",
-                )
+            item = await self._update(key, update, condition, what=what, return_new=want_cancel)
         except ConflictError:
             raise LeaseLostError(
                 f"{what}: project {token.project_id} is no longer held by "
                 f"{token.worker_id} at attempt {token.attempt}"
             ) from None
-        flag = response.get("Attributes", {}).get("cancel_requested", {})
-        return bool(flag.get("BOOL", False))
+        return bool(item.get("cancel_requested", {}).get("BOOL", False))
 
     async def _update_from(
         self, tenant_id: str, project_id: str, update: _Update, *, expect: ProjectStatus
     ) -> Project:
         """One UpdateItem conditional on the current status; returns the new project."""
         condition = f"{update.name('status')} = {update.value(expect.value)}"
-        with translate_errors(f"UpdateItem(from {expect})"):
+        key = project_key(tenant_id, project_id)
+        return project_from_item(await self._update(key, update, condition, what=f"from {expect}"))
+
+    async def _update(
+        self,
+        key: dict[str, Any],
+        update: _Update,
+        condition: str,
+        *,
+        what: str,
+        return_new: bool = True,
+    ) -> dict[str, Any]:
+        """The one conditional UpdateItem: returns the new item (or {}), or raises
+        ``ConflictError`` carrying the item as it was."""
+        with translate_errors(f"UpdateItem({what})"):
             response = await self._client.update_item(
                 TableName=self._table,
-                Key=project_key(tenant_id, project_id),
+                Key=key,
                 UpdateExpression=update.expression(),
                 ConditionExpression=condition,
                 ExpressionAttributeNames=update.names,
                 ExpressionAttributeValues=update.values,
-                ReturnValues="ALL_NEW",
+                ReturnValues="ALL_NEW" if return_new else "NONE",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
-        return project_from_item(response["Attributes"])
+        return dict(response.get("Attributes", {}))
