@@ -30,6 +30,8 @@ from buildq.settings import Settings
 from buildq.store import DynamoProjectStore
 
 BIN = Path(sys.executable).parent
+API_KEY = "test-key"  # tenant "demo"
+OTHER_API_KEY = "other-key"  # tenant "other"
 T = TypeVar("T")
 
 
@@ -192,6 +194,7 @@ class Stack:
             "BUILDQ_LOG_FORMAT": "json",
             "BUILDQ_RECEIVE_WAIT_SECONDS": "2",
             "BUILDQ_DRAIN_SECONDS": "2",
+            "BUILDQ_API_KEYS": f"{API_KEY}=demo,{OTHER_API_KEY}=other",
         }
         env.update({f"BUILDQ_{key.upper()}": str(value) for key, value in overrides.items()})
         return env
@@ -342,9 +345,14 @@ class Stack:
 
     # -- the API -------------------------------------------------------------
 
-    def http(self) -> httpx.Client:
+    def http(self, api_key: str = API_KEY) -> httpx.Client:
+        """An HTTP client for the API, authenticated as tenant "demo" by default."""
         assert self.api_url, "start_api() first"
-        return httpx.Client(base_url=self.api_url, timeout=10)
+        return httpx.Client(
+            base_url=self.api_url,
+            timeout=30,
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
 
     def wait_for_status(
         self, http: httpx.Client, project_id: str, statuses: set[str], timeout: float = 60

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from buildq.errors import ConflictError, ResourceMissingError, UnavailableError
 from buildq.settings import Settings
@@ -19,17 +26,53 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The one retry loop for AWS calls: bounded attempts within a time budget,
+    exponential backoff with full jitter, and only for "AWS is unavailable"
+    (throttling, 5xx, connection errors), never for a request AWS refused."""
+
+    attempts: int = 3
+    budget_seconds: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(attempts=settings.aws_max_attempts, budget_seconds=settings.aws_retry_seconds)
+
+    async def call(self, operation: str, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.budget_seconds),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt, translate_errors(operation):
+                return await fn(**kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover: reraise=True
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, UnavailableError) and not isinstance(exc, ResourceMissingError)
+
+
 @dataclass(frozen=True)
 class AwsClients:
     dynamodb: DynamoDBClient
     sqs: SQSClient
+    retry: RetryPolicy
 
 
 def client_config(settings: Settings) -> AioConfig:
     return AioConfig(
         connect_timeout=settings.aws_connect_timeout,
         read_timeout=settings.aws_read_timeout,
-        retries={"mode": "standard", "max_attempts": settings.aws_max_attempts},
+        # No botocore retries: RetryPolicy is the only retry layer, so the time an
+        # unavailable AWS costs a caller stays within its budget.
+        retries={"mode": "standard", "total_max_attempts": 1},
         max_pool_connections=settings.aws_max_pool_connections,
     )
 
@@ -46,7 +89,7 @@ async def aws_clients(settings: Settings) -> AsyncIterator[AwsClients]:
         sqs = await stack.enter_async_context(
             session.create_client("sqs", region_name=settings.aws_region, config=config)
         )
-        yield AwsClients(dynamodb=dynamodb, sqs=sqs)
+        yield AwsClients(dynamodb=dynamodb, sqs=sqs, retry=RetryPolicy.from_settings(settings))
 
 
 # Error codes that mean "AWS is overloaded or failing", not "your request is wrong".
@@ -84,7 +127,7 @@ def translate_errors(operation: str) -> Iterator[None]:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _MISSING_CODES:
             raise ResourceMissingError(f"{operation}: {code}") from exc
-        if code == "ConditionalCheckFailedException":
+        if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
             item = cast("dict[str, Any] | None", exc.response.get("Item"))
             raise ConflictError(f"{operation}: condition failed", item) from None
         if code in _UNAVAILABLE_CODES or status >= 500:

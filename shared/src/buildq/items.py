@@ -50,6 +50,15 @@ def shard_key(shard: int) -> str:
     return f"SWEEP#{shard:02d}"
 
 
+def idempotency_sk(key: str) -> str:
+    return f"IDEMPOTENCY#{key}"
+
+
+def api_key_key(key_hash: str) -> Item:
+    """API keys are stored by their SHA-256 only, never in clear."""
+    return {"pk": {"S": f"APIKEY#{key_hash}"}, "sk": {"S": "APIKEY"}}
+
+
 def sweep_shard(project_id: str) -> str:
     """The sweeper index shard of a project: spreads active projects over partitions."""
     return shard_key(zlib.crc32(project_id.encode()) % SWEEP_SHARDS)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from buildq.aws import translate_errors
+from buildq.aws import RetryPolicy
 from buildq.clock import now_iso
 from buildq.messages import BuildMessage
 from buildq.models import ErrorInfo
+from buildq.settings import Settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -62,44 +63,68 @@ class BuildQueue(Protocol):
 class SqsBuildQueue:
     """``BuildQueue`` on SQS (async, aiobotocore). Queue URLs are looked up once."""
 
-    def __init__(self, client: SQSClient, queue_name: str, dlq_name: str) -> None:
+    def __init__(
+        self,
+        client: SQSClient,
+        queue_name: str,
+        dlq_name: str,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self._client = client
+        self._retry = retry or RetryPolicy()
         self._names = (queue_name, dlq_name)
         self._urls: tuple[str, str] | None = None
         self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, client: SQSClient, settings: Settings) -> SqsBuildQueue:
+        return cls(
+            client,
+            settings.queue_name,
+            settings.dlq_name,
+            retry=RetryPolicy.from_settings(settings),
+        )
 
     async def urls(self) -> tuple[str, str]:
         """(build queue URL, dead-letter queue URL)."""
         if self._urls is None:
             async with self._lock:
                 if self._urls is None:
-                    with translate_errors("GetQueueUrl"):
-                        main = await self._client.get_queue_url(QueueName=self._names[0])
-                        dlq = await self._client.get_queue_url(QueueName=self._names[1])
+                    main = await self._retry.call(
+                        "GetQueueUrl", self._client.get_queue_url, QueueName=self._names[0]
+                    )
+                    dlq = await self._retry.call(
+                        "GetQueueUrl", self._client.get_queue_url, QueueName=self._names[1]
+                    )
                     self._urls = (main["QueueUrl"], dlq["QueueUrl"])
         return self._urls
 
     async def send(self, message: BuildMessage, *, delay_seconds: int = 0) -> str:
         url, _ = await self.urls()
-        with translate_errors("SendMessage"):
-            response = await self._client.send_message(
-                QueueUrl=url, MessageBody=message.encode(), DelaySeconds=delay_seconds
-            )
+        response = await self._retry.call(
+            "SendMessage",
+            self._client.send_message,
+            QueueUrl=url,
+            MessageBody=message.encode(),
+            DelaySeconds=delay_seconds,
+        )
         return response["MessageId"]
 
     async def receive(
         self, max_messages: int, *, wait_seconds: int, visibility_timeout: int
     ) -> list[ReceivedMessage]:
         url, _ = await self.urls()
-        with translate_errors("ReceiveMessage"):
-            response = await self._client.receive_message(
-                QueueUrl=url,
-                MaxNumberOfMessages=max(1, min(max_messages, SQS_BATCH)),
-                WaitTimeSeconds=wait_seconds,
-                VisibilityTimeout=visibility_timeout,
-                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
-                MessageAttributeNames=["All"],
-            )
+        response = await self._retry.call(
+            "ReceiveMessage",
+            self._client.receive_message,
+            QueueUrl=url,
+            MaxNumberOfMessages=max(1, min(max_messages, SQS_BATCH)),
+            WaitTimeSeconds=wait_seconds,
+            VisibilityTimeout=visibility_timeout,
+            MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+            MessageAttributeNames=["All"],
+        )
         return [
             ReceivedMessage(
                 message_id=raw["MessageId"],
@@ -117,15 +142,19 @@ class SqsBuildQueue:
 
     async def delete(self, receipt_handle: str) -> None:
         url, _ = await self.urls()
-        with translate_errors("DeleteMessage"):
-            await self._client.delete_message(QueueUrl=url, ReceiptHandle=receipt_handle)
+        await self._retry.call(
+            "DeleteMessage", self._client.delete_message, QueueUrl=url, ReceiptHandle=receipt_handle
+        )
 
     async def change_visibility(self, receipt_handle: str, seconds: int) -> None:
         url, _ = await self.urls()
-        with translate_errors("ChangeMessageVisibility"):
-            await self._client.change_message_visibility(
-                QueueUrl=url, ReceiptHandle=receipt_handle, VisibilityTimeout=seconds
-            )
+        await self._retry.call(
+            "ChangeMessageVisibility",
+            self._client.change_message_visibility,
+            QueueUrl=url,
+            ReceiptHandle=receipt_handle,
+            VisibilityTimeout=seconds,
+        )
 
     async def change_visibility_batch(
         self, receipt_handles: Sequence[str], seconds: int
@@ -135,14 +164,15 @@ class SqsBuildQueue:
         failed: list[str] = []
         for start in range(0, len(receipt_handles), SQS_BATCH):
             chunk = receipt_handles[start : start + SQS_BATCH]
-            with translate_errors("ChangeMessageVisibilityBatch"):
-                response = await self._client.change_message_visibility_batch(
-                    QueueUrl=url,
-                    Entries=[
-                        {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
-                        for i, handle in enumerate(chunk)
-                    ],
-                )
+            response = await self._retry.call(
+                "ChangeMessageVisibilityBatch",
+                self._client.change_message_visibility_batch,
+                QueueUrl=url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
+                    for i, handle in enumerate(chunk)
+                ],
+            )
             failed += [chunk[int(entry["Id"])] for entry in response.get("Failed", [])]
         return failed
 
@@ -159,15 +189,20 @@ class SqsBuildQueue:
             DLQ_WORKER_ID: {"DataType": "String", "StringValue": reason.worker_id},
             DLQ_FAILED_AT: {"DataType": "String", "StringValue": now_iso()},
         }
-        with translate_errors("SendMessage(dlq)"):
-            response = await self._client.send_message(
-                QueueUrl=dlq, MessageBody=body, MessageAttributes=attributes
-            )
+        response = await self._retry.call(
+            "SendMessage(dlq)",
+            self._client.send_message,
+            QueueUrl=dlq,
+            MessageBody=body,
+            MessageAttributes=attributes,
+        )
         return response["MessageId"]
 
     async def ping(self) -> None:
         url, _ = await self.urls()
-        with translate_errors("GetQueueAttributes"):
-            await self._client.get_queue_attributes(
-                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
-            )
+        await self._retry.call(
+            "GetQueueAttributes",
+            self._client.get_queue_attributes,
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages"],
+        )

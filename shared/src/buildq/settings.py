@@ -7,13 +7,19 @@ LocalStack or AWS without knowing which.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import socket
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def default_worker_id() -> str:
@@ -37,13 +43,17 @@ class Settings(BaseSettings):
     aws_read_timeout: float = Field(
         30.0, gt=0, description="botocore read timeout, s (above the 20 s long poll)"
     )
-    aws_max_attempts: int = Field(3, ge=1, description="botocore attempts per AWS call")
+    aws_max_attempts: int = Field(
+        3, ge=1, description="Attempts per AWS call while AWS is unavailable"
+    )
+    aws_retry_seconds: float = Field(
+        10.0, gt=0, description="Time budget for retrying one AWS call, s"
+    )
     aws_max_pool_connections: int = Field(50, ge=1, description="HTTP connections per client")
 
     max_attempts: int = Field(
         3, ge=1, description="Workflow attempts before a project is FAILED and dead-lettered"
     )
-    default_tenant: str = Field("demo", description="Tenant used until API keys are configured")
     workflows: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Extra workflows to register, comma-separated `module:attribute` paths",
@@ -65,9 +75,43 @@ class Settings(BaseSettings):
 class ApiSettings(Settings):
     """Settings of the API service."""
 
+    # An API answers fast or says 503: short timeouts and a ~2 s retry budget.
+    aws_connect_timeout: float = Field(1.0, gt=0, description="botocore connect timeout, s")
+    aws_read_timeout: float = Field(5.0, gt=0, description="botocore read timeout, s")
+    aws_retry_seconds: float = Field(
+        1.5, gt=0, description="Time budget for retrying one AWS call, s"
+    )
+
     api_host: str = Field("127.0.0.1", description="API bind address")
     api_port: int = Field(8000, ge=1, le=65535, description="API port")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body")
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Static API keys, comma-separated `key=tenant` pairs (local runs); "
+        "production keys live hashed in the table (`buildq api-key create`)",
+    )
+    api_key_cache_seconds: float = Field(
+        30.0, ge=0, description="How long the API trusts a key it looked up, s"
+    )
+    cursor_secret: SecretStr = Field(
+        default_factory=lambda: SecretStr(secrets.token_hex(32)),
+        description="Signs list cursors; set the same value on every API instance",
+    )
+    long_poll_interval: float = Field(
+        0.5, gt=0, description="How often a long-polled project is re-read, s"
+    )
+
+    def static_api_keys(self) -> dict[str, str]:
+        """``{sha256(key): tenant}`` of ``api_keys``; keys are never kept in clear."""
+        keys: dict[str, str] = {}
+        for pair in self.api_keys.get_secret_value().split(","):
+            key, sep, tenant = pair.strip().partition("=")
+            if not pair.strip():
+                continue
+            if not sep or not key or not tenant:
+                raise ValueError("BUILDQ_API_KEYS must be comma-separated key=tenant pairs")
+            keys[hash_api_key(key)] = tenant
+        return keys
 
 
 class WorkerSettings(Settings):

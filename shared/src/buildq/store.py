@@ -8,16 +8,20 @@ lease cannot overwrite anything.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from buildq.aws import translate_errors
+from buildq.aws import RetryPolicy
 from buildq.clock import epoch_ms, iso, utcnow
 from buildq.errors import ConflictError, LeaseLostError, NotFoundError
 from buildq.items import (
     SWEEP_INDEX,
     TTL_ATTRIBUTE,
+    api_key_key,
+    idempotency_sk,
     project_from_item,
     project_key,
     project_sk,
@@ -31,6 +35,9 @@ from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot
 from buildq.settings import Settings
 from buildq.transitions import ClaimRefusal, check_transition, claim_refusal
 
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+LIST_MAX_QUERIES = 5
+
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
@@ -43,6 +50,24 @@ class RunToken:
     project_id: str
     worker_id: str
     attempt: int
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A client's Idempotency-Key and the hash of the request it came with."""
+
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Created:
+    project: Project
+    replayed: bool  # True: the key was seen before; this is the first request's project
+
+
+class IdempotencyMismatchError(ConflictError):
+    """The Idempotency-Key was first used with a different request."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +90,21 @@ class ClaimRefusedError(ConflictError):
 
 
 class ProjectStore(Protocol):
-    async def create(self, project: Project) -> None: ...
+    async def create(
+        self, project: Project, *, idempotency: Idempotency | None = None
+    ) -> Created: ...
     async def get(self, tenant_id: str, project_id: str) -> Project | None: ...
     async def list_projects(
-        self, tenant_id: str, *, limit: int, after: str | None = None
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        after: str | None = None,
+        status: ProjectStatus | None = None,
     ) -> tuple[list[Project], str | None]: ...
+    async def tenant_for_key(self, key_hash: str) -> str | None: ...
+    async def put_api_key(self, key_hash: str, tenant_id: str, *, label: str) -> None: ...
+    async def delete_api_key(self, key_hash: str) -> bool: ...
     async def claim(
         self, tenant_id: str, project_id: str, *, worker_id: str, lease_seconds: float
     ) -> Project: ...
@@ -150,56 +185,191 @@ class DynamoProjectStore:
     # queued, or when its lease expires. The sweeper alone decides how old is too
     # old, so the API and the workers need not agree on any threshold.
 
-    def __init__(self, client: DynamoDBClient, table_name: str) -> None:
+    def __init__(
+        self, client: DynamoDBClient, table_name: str, *, retry: RetryPolicy | None = None
+    ) -> None:
         self._client = client
         self._table = table_name
+        self._retry = retry or RetryPolicy()
 
     @classmethod
     def from_settings(cls, client: DynamoDBClient, settings: Settings) -> DynamoProjectStore:
-        return cls(client, settings.table_name)
+        return cls(client, settings.table_name, retry=RetryPolicy.from_settings(settings))
 
     # -- the API's side ------------------------------------------------------
 
-    async def create(self, project: Project) -> None:
+    async def create(self, project: Project, *, idempotency: Idempotency | None = None) -> Created:
+        """Write a new project (QUEUED). With ``idempotency``, the project and its key
+        are written in one transaction, and a repeat of the same key returns the first
+        project (``replayed``) or raises ``IdempotencyMismatchError`` for another body."""
         item = project_to_item(project, sweep_at=epoch_ms())
-        with translate_errors("PutItem"):
-            await self._client.put_item(
-                TableName=self._table,
-                Item=item,
-                ConditionExpression="attribute_not_exists(pk)",
+        if idempotency is None:
+            # A conflict can only be a retry of this very write (ULIDs do not collide),
+            # whose first try landed.
+            with contextlib.suppress(ConflictError):
+                await self._retry.call(
+                    "PutItem",
+                    self._client.put_item,
+                    TableName=self._table,
+                    Item=item,
+                    ConditionExpression="attribute_not_exists(pk)",
+                )
+            return Created(project, replayed=False)
+        now_s = epoch_ms() // 1000
+        key_item = {
+            "pk": {"S": tenant_pk(project.tenant_id)},
+            "sk": {"S": idempotency_sk(idempotency.key)},
+            "project_id": {"S": project.project_id},
+            "request_hash": {"S": idempotency.request_hash},
+            TTL_ATTRIBUTE: {"N": str(now_s + IDEMPOTENCY_TTL_SECONDS)},
+        }
+        try:
+            await self._retry.call(
+                "TransactWriteItems",
+                self._client.transact_write_items,
+                TransactItems=[
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": item,
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                        }
+                    },
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": key_item,
+                            # moto never expires TTL items, and AWS deletes them late:
+                            # an expired key counts as absent.
+                            "ConditionExpression": "attribute_not_exists(pk) OR #exp < :now",
+                            "ExpressionAttributeNames": {"#exp": TTL_ATTRIBUTE},
+                            "ExpressionAttributeValues": {":now": {"N": str(now_s)}},
+                        }
+                    },
+                ],
             )
+        except ConflictError:
+            return await self._replay(project, idempotency)
+        return Created(project, replayed=False)
+
+    async def _replay(self, attempted: Project, idempotency: Idempotency) -> Created:
+        """The key was taken: by the same request (replay) or another one (mismatch)."""
+        response = await self._retry.call(
+            "GetItem",
+            self._client.get_item,
+            TableName=self._table,
+            Key={
+                "pk": {"S": tenant_pk(attempted.tenant_id)},
+                "sk": {"S": idempotency_sk(idempotency.key)},
+            },
+            ConsistentRead=True,
+        )
+        stored = response.get("Item")
+        if stored is None:
+            raise ConflictError("the idempotency key is being written; retry")
+        if stored["request_hash"]["S"] != idempotency.request_hash:
+            raise IdempotencyMismatchError(
+                "this Idempotency-Key was used with a different request body"
+            )
+        first = await self.get(attempted.tenant_id, stored["project_id"]["S"])
+        if first is None:  # pragma: no cover: both were written in one transaction
+            raise ConflictError("the idempotency key points at no project")
+        return Created(first, replayed=True)
 
     async def get(self, tenant_id: str, project_id: str) -> Project | None:
-        with translate_errors("GetItem"):
-            response = await self._client.get_item(
-                TableName=self._table, Key=project_key(tenant_id, project_id), ConsistentRead=True
-            )
+        response = await self._retry.call(
+            "GetItem",
+            self._client.get_item,
+            TableName=self._table,
+            Key=project_key(tenant_id, project_id),
+            ConsistentRead=True,
+        )
         item = response.get("Item")
         return project_from_item(item) if item else None
 
     async def list_projects(
-        self, tenant_id: str, *, limit: int, after: str | None = None
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        after: str | None = None,
+        status: ProjectStatus | None = None,
     ) -> tuple[list[Project], str | None]:
-        """A tenant's projects, newest first; ``after`` is the last id of the previous page."""
+        """A tenant's projects, newest first, optionally of one status; ``after`` is the
+        last id of the previous page. Returns the page and the id to continue after."""
+        values: dict[str, Any] = {
+            ":pk": {"S": tenant_pk(tenant_id)},
+            ":prefix": {"S": project_sk("")},
+        }
         kwargs: dict[str, Any] = {}
-        if after is not None:
-            kwargs["ExclusiveStartKey"] = project_key(tenant_id, after)
-        with translate_errors("Query"):
-            response = await self._client.query(
+        if status is not None:
+            kwargs["FilterExpression"] = "#status = :status"
+            kwargs["ExpressionAttributeNames"] = {"#status": "status"}
+            values[":status"] = {"S": status.value}
+        projects: list[Project] = []
+        last: dict[str, Any] | None = project_key(tenant_id, after) if after else None
+        # A filtered page can come back short; read on, a bounded number of times.
+        for _ in range(LIST_MAX_QUERIES):
+            if last is not None:
+                kwargs["ExclusiveStartKey"] = last
+            response = await self._retry.call(
+                "Query",
+                self._client.query,
                 TableName=self._table,
                 KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
-                ExpressionAttributeValues={
-                    ":pk": {"S": tenant_pk(tenant_id)},
-                    ":prefix": {"S": project_sk("")},
-                },
+                ExpressionAttributeValues=values,
                 ScanIndexForward=False,
-                Limit=limit,
+                Limit=limit - len(projects) if status is None else limit,
                 **kwargs,
             )
-        projects = [project_from_item(item) for item in response.get("Items", [])]
-        last = response.get("LastEvaluatedKey")
-        next_after = projects[-1].project_id if last and projects else None
-        return projects, next_after
+            for item in response.get("Items", []):
+                if len(projects) < limit:
+                    projects.append(project_from_item(item))
+            last = response.get("LastEvaluatedKey")
+            if last is None or len(projects) >= limit:
+                break
+        if len(projects) >= limit:
+            return projects, projects[-1].project_id
+        if last is not None:  # stopped reading early: continue where the reads stopped
+            return projects, last["sk"]["S"].removeprefix(project_sk(""))
+        return projects, None
+
+    # -- API keys -----------------------------------------------------------------
+
+    async def tenant_for_key(self, key_hash: str) -> str | None:
+        """The tenant of a hashed API key, or None."""
+        response = await self._retry.call(
+            "GetItem",
+            self._client.get_item,
+            TableName=self._table,
+            Key=api_key_key(key_hash),
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        return item["tenant_id"]["S"] if item else None
+
+    async def put_api_key(self, key_hash: str, tenant_id: str, *, label: str) -> None:
+        await self._retry.call(
+            "PutItem",
+            self._client.put_item,
+            TableName=self._table,
+            Item={
+                **api_key_key(key_hash),
+                "tenant_id": {"S": tenant_id},
+                "label": {"S": label},
+                "created_at": {"S": iso(utcnow())},
+            },
+        )
+
+    async def delete_api_key(self, key_hash: str) -> bool:
+        response = await self._retry.call(
+            "DeleteItem",
+            self._client.delete_item,
+            TableName=self._table,
+            Key=api_key_key(key_hash),
+            ReturnValues="ALL_OLD",
+        )
+        return bool(response.get("Attributes"))
 
     async def request_cancel(self, tenant_id: str, project_id: str) -> Project:
         """Cancel a project: a QUEUED one becomes CANCELLED at once, a BUILDING one is
@@ -245,9 +415,11 @@ class DynamoProjectStore:
         now = utcnow()
         now_ms = epoch_ms(now)
         expires = now_ms + int(lease_seconds * 1000)
+        token = uuid.uuid4().hex  # tells a retry of this claim from someone else's
         update = (
             _Update()
             .set("status", ProjectStatus.BUILDING.value)
+            .set("claim_token", token)
             .increment("attempt")
             .set("lease_owner", worker_id)
             .set("lease_expires_at", expires)
@@ -268,6 +440,8 @@ class DynamoProjectStore:
                 project_key(tenant_id, project_id), update, condition, what="claim"
             )
         except ConflictError as exc:
+            if exc.item and exc.item.get("claim_token", {}).get("S") == token:
+                return project_from_item(exc.item)  # a retry: the first try had landed
             current = project_from_item(exc.item) if exc.item else None
             refusal = claim_refusal(current, now_ms) or ClaimRefusal.LEASED
             raise ClaimRefusedError(refusal, current) from None
@@ -340,26 +514,27 @@ class DynamoProjectStore:
         now_ms = epoch_ms()
         until = now_ms + int(seconds * 1000)
         try:
-            with translate_errors("PutItem(lock)"):
-                await self._client.put_item(
-                    TableName=self._table,
-                    Item={
-                        "pk": {"S": f"LOCK#{name}"},
-                        "sk": {"S": "LOCK"},
-                        "owner": {"S": owner},
-                        "lock_until": {"N": str(until)},
-                        # TTL (seconds) tidies up locks nobody renews.
-                        TTL_ATTRIBUTE: {"N": str(until // 1000 + 3600)},
-                    },
-                    ConditionExpression=(
-                        "attribute_not_exists(pk) OR lock_until < :now OR #owner = :owner"
-                    ),
-                    ExpressionAttributeNames={"#owner": "owner"},
-                    ExpressionAttributeValues={
-                        ":now": {"N": str(now_ms)},
-                        ":owner": {"S": owner},
-                    },
-                )
+            await self._retry.call(
+                "PutItem(lock)",
+                self._client.put_item,
+                TableName=self._table,
+                Item={
+                    "pk": {"S": f"LOCK#{name}"},
+                    "sk": {"S": "LOCK"},
+                    "owner": {"S": owner},
+                    "lock_until": {"N": str(until)},
+                    # TTL (seconds) tidies up locks nobody renews.
+                    TTL_ATTRIBUTE: {"N": str(until // 1000 + 3600)},
+                },
+                ConditionExpression=(
+                    "attribute_not_exists(pk) OR lock_until < :now OR #owner = :owner"
+                ),
+                ExpressionAttributeNames={"#owner": "owner"},
+                ExpressionAttributeValues={
+                    ":now": {"N": str(now_ms)},
+                    ":owner": {"S": owner},
+                },
+            )
         except ConflictError:
             return False
         return True
@@ -367,17 +542,18 @@ class DynamoProjectStore:
     async def due_for_sweep(self, shard: int, *, before: int, limit: int) -> list[SweepCandidate]:
         """Active projects of one index shard with ``sweep_at`` before ``before``, oldest
         first."""
-        with translate_errors("Query(sweep)"):
-            response = await self._client.query(
-                TableName=self._table,
-                IndexName=SWEEP_INDEX,
-                KeyConditionExpression="sweep_shard = :shard AND sweep_at <= :before",
-                ExpressionAttributeValues={
-                    ":shard": {"S": shard_key(shard)},
-                    ":before": {"N": str(before)},
-                },
-                Limit=limit,
-            )
+        response = await self._retry.call(
+            "Query(sweep)",
+            self._client.query,
+            TableName=self._table,
+            IndexName=SWEEP_INDEX,
+            KeyConditionExpression="sweep_shard = :shard AND sweep_at <= :before",
+            ExpressionAttributeValues={
+                ":shard": {"S": shard_key(shard)},
+                ":before": {"N": str(before)},
+            },
+            Limit=limit,
+        )
         candidates = []
         for item in response.get("Items", []):
             lease = item.get("lease_expires_at", {}).get("N")
@@ -408,8 +584,7 @@ class DynamoProjectStore:
         return True
 
     async def ping(self) -> None:
-        with translate_errors("DescribeTable"):
-            await self._client.describe_table(TableName=self._table)
+        await self._retry.call("DescribeTable", self._client.describe_table, TableName=self._table)
 
     # -- conditional writes ------------------------------------------------------
 
@@ -455,15 +630,16 @@ class DynamoProjectStore:
     ) -> dict[str, Any]:
         """The one conditional UpdateItem: returns the new item (or {}), or raises
         ``ConflictError`` carrying the item as it was."""
-        with translate_errors(f"UpdateItem({what})"):
-            response = await self._client.update_item(
-                TableName=self._table,
-                Key=key,
-                UpdateExpression=update.expression(),
-                ConditionExpression=condition,
-                ExpressionAttributeNames=update.names,
-                ExpressionAttributeValues=update.values,
-                ReturnValues="ALL_NEW" if return_new else "NONE",
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
+        response = await self._retry.call(
+            f"UpdateItem({what})",
+            self._client.update_item,
+            TableName=self._table,
+            Key=key,
+            UpdateExpression=update.expression(),
+            ConditionExpression=condition,
+            ExpressionAttributeNames=update.names,
+            ExpressionAttributeValues=update.values,
+            ReturnValues="ALL_NEW" if return_new else "NONE",
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
+        )
         return dict(response.get("Attributes", {}))

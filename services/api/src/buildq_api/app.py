@@ -13,9 +13,11 @@ from buildq.queue import SqsBuildQueue
 from buildq.settings import ApiSettings
 from buildq.store import DynamoProjectStore
 from buildq.workflows.registry import load_registry
+from buildq_api.auth import ApiKeyAuthenticator
 from buildq_api.middleware import RequestContextMiddleware
 from buildq_api.problems import install_problem_handlers
 from buildq_api.routes import health, projects
+from buildq_api.watch import ProjectWatch
 
 DESCRIPTION = """
 buildq runs long build workflows behind an HTTP API. `POST /v1/projects` records
@@ -33,15 +35,23 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with aws_clients(settings) as clients:
-            app.state.store = DynamoProjectStore.from_settings(clients.dynamodb, settings)
-            app.state.queue = SqsBuildQueue(clients.sqs, settings.queue_name, settings.dlq_name)
+            store = DynamoProjectStore.from_settings(clients.dynamodb, settings)
+            app.state.store = store
+            app.state.queue = SqsBuildQueue.from_settings(clients.sqs, settings)
+            app.state.authenticator = ApiKeyAuthenticator(
+                settings.static_api_keys(), store, settings.api_key_cache_seconds
+            )
+            app.state.watch = ProjectWatch(store, settings.long_poll_interval)
             structlog.get_logger().info(
                 "api.started",
                 url=f"http://{settings.api_host}:{settings.api_port}",
                 table=settings.table_name,
                 queue=settings.queue_name,
             )
-            yield
+            try:
+                yield
+            finally:
+                await app.state.watch.close()
 
     app = FastAPI(
         title="buildq",

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from buildq.queue import BuildQueue
 from buildq.settings import ApiSettings
 from buildq.store import ProjectStore
 from buildq.workflows.registry import WorkflowRegistry
+from buildq_api.auth import ApiKeyAuthenticator
+from buildq_api.watch import ProjectWatch
 
 
 def get_settings(request: Request) -> ApiSettings:
@@ -32,9 +36,27 @@ def get_registry(request: Request) -> WorkflowRegistry:
     return registry
 
 
-def get_tenant(settings: Annotated[ApiSettings, Depends(get_settings)]) -> str:
-    # One tenant until API keys map callers to tenants.
-    return settings.default_tenant
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key: `Authorization: Bearer <key>`",
+)
+
+
+async def get_tenant(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The caller's tenant, from its API key; every read and write is keyed by it."""
+    authenticator: ApiKeyAuthenticator = request.app.state.authenticator
+    tenant = await authenticator.tenant_for(request.headers.get("authorization"))
+    structlog.contextvars.bind_contextvars(tenant_id=tenant)
+    return tenant
+
+
+def get_watch(request: Request) -> ProjectWatch:
+    watch: ProjectWatch = request.app.state.watch
+    return watch
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
@@ -42,3 +64,4 @@ StoreDep = Annotated[ProjectStore, Depends(get_store)]
 QueueDep = Annotated[BuildQueue, Depends(get_queue)]
 RegistryDep = Annotated[WorkflowRegistry, Depends(get_registry)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+WatchDep = Annotated[ProjectWatch, Depends(get_watch)]

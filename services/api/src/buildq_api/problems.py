@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from buildq.errors import ConflictError, NotFoundError, UnavailableError, UnknownWorkflowError
+from buildq.store import IdempotencyMismatchError
+from buildq_api.auth import UnauthorizedError
 
 PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = 2
@@ -112,6 +114,14 @@ def install_problem_handlers(app: FastAPI) -> None:
             slug="unknown-workflow",
             errors=[{"loc": ["body", "workflow"], "msg": str(exc), "type": "unknown_workflow"}],
         )
+
+    @app.exception_handler(UnauthorizedError)
+    async def _unauthorized(request: Request, exc: UnauthorizedError) -> JSONResponse:
+        return problem(request, 401, str(exc), headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(IdempotencyMismatchError)
+    async def _idempotency(request: Request, exc: IdempotencyMismatchError) -> JSONResponse:
+        return problem(request, 422, str(exc), slug="idempotency-key-reused")
 
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:

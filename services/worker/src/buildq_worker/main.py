@@ -23,7 +23,7 @@ async def serve(settings: WorkerSettings) -> None:
         worker = Worker(
             settings,
             DynamoProjectStore.from_settings(clients.dynamodb, settings),
-            SqsBuildQueue(clients.sqs, settings.queue_name, settings.dlq_name),
+            SqsBuildQueue.from_settings(clients.sqs, settings),
             registry,
         )
         loop = asyncio.get_running_loop()

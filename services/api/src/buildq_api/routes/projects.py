@@ -1,13 +1,13 @@
-"""``/v1/projects``: create, read and list projects."""
+"""``/v1/projects``: create, read, long-poll, list and cancel projects."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import hashlib
+import json
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ulid import ULID
@@ -15,49 +15,51 @@ from ulid import ULID
 from buildq.clock import now_iso
 from buildq.errors import NotFoundError, UnavailableError
 from buildq.messages import BuildReason, build_message
+from buildq.models import ProjectStatus
+from buildq.store import Idempotency
 from buildq.transitions import new_project
-from buildq_api.deps import QueueDep, RegistryDep, StoreDep, TenantDep
+from buildq_api.cursors import BadCursorError, decode_cursor, encode_cursor
+from buildq_api.deps import (
+    QueueDep,
+    RegistryDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    WatchDep,
+)
 from buildq_api.problems import PROBLEM_JSON
 from buildq_api.schemas import Problem, ProjectCreate, ProjectPage, ProjectPublic
+from buildq_api.watch import etag
 
 ULID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$"
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"  # visible ASCII
+MAX_WAIT_SECONDS = 20
 
 router = APIRouter(prefix="/v1/projects", tags=["projects"])
+
+ProjectId = Annotated[str, Path(pattern=ULID_PATTERN, description="Project id (a ULID)")]
 
 _problem: dict[str, Any] = {"model": Problem, "content": {PROBLEM_JSON: {}}}
 _errors: dict[int | str, dict[str, Any]] = {
     status: {**_problem, "description": description}
     for status, description in {
-        400: "The body is not valid JSON",
-        413: "The body is larger than 64 KiB",
-        422: "The request failed validation (unknown workflow, bad parameters, ...)",
+        401: "No API key, or an unknown one",
+        422: "The request failed validation",
         503: "DynamoDB or SQS is unavailable; retry after `Retry-After` seconds",
     }.items()
 }
+_not_found: dict[int | str, dict[str, Any]] = {
+    404: {**_problem, "description": "No such project (for this API key's tenant)"}
+}
 
 
-def _encode_cursor(project_id: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{project_id}".encode()).decode().rstrip("=")
+def _invalid(where: tuple[str, ...], message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": where, "msg": message, "type": "value_error"}])
 
 
-def _decode_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        version, _, project_id = raw.partition(":")
-        if version != "v1":
-            raise ValueError(version)
-        ULID.from_str(project_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("query", "cursor"),
-                    "msg": "cursor is not one this API returned",
-                    "type": "value_error",
-                }
-            ]
-        ) from None
-    return project_id
+def _request_hash(body: ProjectCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @router.post(
@@ -66,9 +68,24 @@ def _decode_cursor(cursor: str) -> str:
     response_model=ProjectPublic,
     summary="Create a project and queue its build",
     description="Records the project and enqueues its build, then answers at once: the "
-    "build runs on a worker. Poll `GET /v1/projects/{id}` (the `Location` header) for "
-    "its status and stages.",
-    responses={202: {"description": "Accepted: the project is QUEUED"}, **_errors},
+    "build runs on a worker. Follow it at `GET /v1/projects/{id}` (the `Location` header), "
+    "best with `?wait=20`. Send an `Idempotency-Key` to make retries safe: the same key and "
+    "body within 24 h return the first project (`Idempotent-Replayed: true`).",
+    responses={
+        202: {
+            "description": "Accepted: the project is QUEUED",
+            "headers": {
+                "Location": {"description": "The project's URL", "schema": {"type": "string"}},
+                "Idempotent-Replayed": {
+                    "description": "`true` when this is the first request's project",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
+        400: {**_problem, "description": "The body is not valid JSON"},
+        413: {**_problem, "description": "The body is larger than 64 KiB"},
+        **_errors,
+    },
 )
 async def create_project(
     body: ProjectCreate,
@@ -77,6 +94,13 @@ async def create_project(
     store: StoreDep,
     queue: QueueDep,
     registry: RegistryDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="Up to 255 visible ASCII characters, unique per intended project",
+        ),
+    ] = None,
 ) -> ProjectPublic:
     workflow = registry.get(body.workflow)
     try:
@@ -94,33 +118,68 @@ async def create_project(
         parameters=parameters,
         now=now_iso(),
     )
-    log = structlog.get_logger().bind(project_id=project.project_id, tenant_id=tenant)
-    await store.create(project)
+    idempotency = (
+        Idempotency(key=idempotency_key, request_hash=_request_hash(body))
+        if idempotency_key
+        else None
+    )
+    created = await store.create(project, idempotency=idempotency)
+    project = created.project
+    log = structlog.get_logger().bind(project_id=project.project_id)
+    response.headers["Location"] = f"/v1/projects/{project.project_id}"
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+        log.info("project.create_replayed")
+        if project.status is not ProjectStatus.QUEUED or project.attempt > 0:
+            return ProjectPublic.of(project)
+        # Still waiting: the first request may have died before its send. A
+        # duplicate message is harmless (the claim decides), a missing one is not.
     try:
         await queue.send(build_message(tenant, project.project_id, BuildReason.CREATE))
     except UnavailableError as exc:
         # The record is the truth and is safely written: the sweeper enqueues
         # projects left QUEUED without a message, so the client still gets 202.
         log.warning("project.enqueue_failed", error=str(exc))
-    log.info("project.created", workflow=workflow.name)
-    response.headers["Location"] = f"/v1/projects/{project.project_id}"
+    if not created.replayed:
+        log.info("project.created", workflow=workflow.name)
     return ProjectPublic.of(project)
 
 
 @router.get(
     "/{project_id}",
     response_model=ProjectPublic,
-    summary="Get a project's status and stages",
-    responses={404: {**_problem, "description": "No such project"}, **_errors},
+    summary="Get a project's status and stages (optionally long-polling)",
+    description="With `wait=N` the answer comes as soon as the project changes (status or "
+    "a stage), or after N seconds with the project as it is. Send the previous answer's "
+    "`ETag` as `If-None-Match` so that a change between two polls is never missed.",
+    responses={
+        200: {"headers": {"ETag": {"description": "The project's version"}}},
+        **_not_found,
+        **_errors,
+    },
 )
 async def get_project(
-    project_id: Annotated[str, Path(pattern=ULID_PATTERN, description="Project id (ULID)")],
+    project_id: ProjectId,
+    response: Response,
     tenant: TenantDep,
     store: StoreDep,
+    watch: WatchDep,
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for a change")
+    ] = 0,
+    if_none_match: Annotated[
+        str | None,
+        Header(max_length=100, description="An `ETag` seen before: wait for another version"),
+    ] = None,
 ) -> ProjectPublic:
     project = await store.get(tenant, project_id)
     if project is None:
         raise NotFoundError(f"project {project_id} not found")
+    if wait > 0:
+        since = if_none_match or etag(project)
+        if etag(project) == since and not project.status.terminal:
+            project = await watch.wait_for_change(project, since, wait)
+    response.headers["ETag"] = etag(project)
     return ProjectPublic.of(project)
 
 
@@ -132,22 +191,17 @@ async def get_project(
     description="A QUEUED project becomes CANCELLED at once; a BUILDING one is flagged "
     "(`cancel_requested`) and its worker stops it at the next checkpoint.",
     responses={
-        404: {**_problem, "description": "No such project"},
+        **_not_found,
         409: {**_problem, "description": "The project has already ended"},
         **_errors,
     },
 )
 async def cancel_project(
-    project_id: Annotated[str, Path(pattern=ULID_PATTERN, description="Project id (ULID)")],
-    tenant: TenantDep,
-    store: StoreDep,
+    project_id: ProjectId, tenant: TenantDep, store: StoreDep
 ) -> ProjectPublic:
     project = await store.request_cancel(tenant, project_id)
     structlog.get_logger().info(
-        "project.cancel_requested",
-        project_id=project_id,
-        tenant_id=tenant,
-        status=project.status.value,
+        "project.cancel_requested", project_id=project_id, status=project.status.value
     )
     return ProjectPublic.of(project)
 
@@ -161,14 +215,23 @@ async def cancel_project(
 async def list_projects(
     tenant: TenantDep,
     store: StoreDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size")] = 20,
+    status: Annotated[ProjectStatus | None, Query(description="Only this status")] = None,
     cursor: Annotated[
-        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+        str | None, Query(max_length=500, description="`next_cursor` of the previous page")
     ] = None,
 ) -> ProjectPage:
-    after = _decode_cursor(cursor) if cursor else None
-    projects, last = await store.list_projects(tenant, limit=limit, after=after)
+    secret = settings.cursor_secret.get_secret_value().encode()
+    status_value = status.value if status else None
+    after = None
+    if cursor:
+        try:
+            after = decode_cursor(secret, cursor, status=status_value)
+        except BadCursorError as exc:
+            raise _invalid(("query", "cursor"), str(exc)) from None
+    projects, last = await store.list_projects(tenant, limit=limit, after=after, status=status)
     return ProjectPage(
         items=[ProjectPublic.of(project) for project in projects],
-        next_cursor=_encode_cursor(last) if last else None,
+        next_cursor=encode_cursor(secret, after=last, status=status_value) if last else None,
     )
