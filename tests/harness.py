@@ -142,8 +142,9 @@ def _listening(port: int) -> bool:
 
 
 @contextmanager
-def running_emulator(log_dir: Path) -> Iterator[str]:
-    port = free_port()
+def running_emulator(log_dir: Path, port: int | None = None) -> Iterator[str]:
+    port = port or free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = start_process(
         "emulator", [str(BIN / "buildq"), "emulator", "--port", str(port)], env, log_dir

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Annotated
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 import typer
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -13,8 +15,11 @@ from buildq.aws import aws_clients
 from buildq.errors import BuildqError, UnavailableError
 from buildq.logging import configure_logging
 from buildq.resources import BootstrapResult, bootstrap
-from buildq.settings import Settings
+from buildq.settings import Settings, hash_api_key
+from buildq.store import DynamoProjectStore
 from buildq_ops.emulator import running_emulator, wait_for_signal
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Operate buildq: create its AWS resources, run the local emulator.",
@@ -59,6 +64,48 @@ def bootstrap_command(
         typer.echo(f"error: bootstrap failed: {exc}", err=True)
         raise typer.Exit(1) from None
     _print_bootstrap(result)
+
+
+api_key_app = typer.Typer(
+    help="Manage API keys (stored hashed in the table).", no_args_is_help=True
+)
+app.add_typer(api_key_app, name="api-key")
+
+
+def _with_store(settings: Settings, fn: Callable[[DynamoProjectStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with aws_clients(settings) as clients:
+            return await fn(DynamoProjectStore.from_settings(clients.dynamodb, settings))
+
+    try:
+        return asyncio.run(main())
+    except BuildqError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@api_key_app.command("create")
+def api_key_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key acts for")],
+    label: Annotated[str, typer.Option(help="A note on who holds the key")] = "",
+) -> None:
+    """Make a new API key for a tenant. The key is printed once; only its hash is kept."""
+    if not tenant.strip():
+        raise typer.BadParameter("must not be empty", param_hint="--tenant")
+    key = f"bq_{secrets.token_urlsafe(32)}"
+    settings = Settings()
+    _with_store(settings, lambda store: store.put_api_key(hash_api_key(key), tenant, label=label))
+    typer.echo(f"API key for tenant {tenant!r} (shown once, store it now):", err=True)
+    typer.echo(key)
+
+
+@api_key_app.command("revoke")
+def api_key_revoke(key: Annotated[str, typer.Argument(help="The key to revoke")]) -> None:
+    """Revoke an API key (APIs stop accepting it within their key cache time)."""
+    if not _with_store(Settings(), lambda store: store.delete_api_key(hash_api_key(key))):
+        typer.echo("error: no such API key", err=True)
+        raise typer.Exit(1)
+    typer.echo("revoked")
 
 
 @app.command("emulator")

@@ -16,22 +16,22 @@ from buildq_api.auth import ApiKeyAuthenticator
 from buildq_api.watch import ProjectWatch
 
 
-def get_settings(request: Request) -> ApiSettings:
+async def get_settings(request: Request) -> ApiSettings:
     settings: ApiSettings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> ProjectStore:
+async def get_store(request: Request) -> ProjectStore:
     store: ProjectStore = request.app.state.store
     return store
 
 
-def get_queue(request: Request) -> BuildQueue:
+async def get_queue(request: Request) -> BuildQueue:
     queue: BuildQueue = request.app.state.queue
     return queue
 
 
-def get_registry(request: Request) -> WorkflowRegistry:
+async def get_registry(request: Request) -> WorkflowRegistry:
     registry: WorkflowRegistry = request.app.state.registry
     return registry
 
@@ -54,7 +54,7 @@ async def get_tenant(
     return tenant
 
 
-def get_watch(request: Request) -> ProjectWatch:
+async def get_watch(request: Request) -> ProjectWatch:
     watch: ProjectWatch = request.app.state.watch
     return watch
 
