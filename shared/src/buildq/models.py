@@ -37,16 +37,37 @@ class StageStatus(StrEnum):
 class ErrorInfo(BaseModel):
     """Why something failed: the exception type and its message."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(
+        frozen=True,
+        json_schema_extra={
+            "examples": [{"type": "RetryableError", "message": "model call timed out"}]
+        },
+    )
 
-    type: str = Field(examples=["TransientStageError"])
+    type: str = Field(examples=["RetryableError"])
     message: str = Field(examples=["stage 'build' failed (attempt 1 of 2 injected failures)"])
 
 
 class StageSnapshot(BaseModel):
     """The last known state of one stage of a project's workflow."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "build",
+                    "status": "FAILED",
+                    "attempt": 2,
+                    "worker_id": "ip-10-0-1-23-7-a1b2c3",
+                    "started_at": "2026-11-23T10:00:01.000Z",
+                    "finished_at": "2026-11-23T10:00:03.500Z",
+                    "output": None,
+                    "error": {"type": "RetryableError", "message": "model call timed out"},
+                }
+            ]
+        },
+    )
 
     name: str
     status: StageStatus = StageStatus.PENDING

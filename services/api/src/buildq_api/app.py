@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from buildq.aws import aws_clients
 from buildq.queue import SqsBuildQueue
@@ -15,7 +17,7 @@ from buildq.store import DynamoProjectStore
 from buildq.workflows.registry import load_registry
 from buildq_api.auth import ApiKeyAuthenticator
 from buildq_api.middleware import RequestContextMiddleware
-from buildq_api.problems import install_problem_handlers
+from buildq_api.problems import PROBLEM_JSON, install_problem_handlers
 from buildq_api.routes import health, projects
 from buildq_api.watch import ProjectWatch
 
@@ -26,6 +28,27 @@ scaled worker fleet runs it. Poll `GET /v1/projects/{id}` for its status
 (`QUEUED → BUILDING → SUCCEEDED | FAILED | CANCELLED`) and per-stage snapshots.
 Every error is an RFC 9457 `application/problem+json` body.
 """
+
+
+def _openapi_with_problems(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents every response body as application/json; errors are
+    application/problem+json, so say so."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if status[0] in "45" and "application/json" in content:
+                        content[PROBLEM_JSON] = content.pop("application/json")
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -63,6 +86,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             {"name": "health", "description": "Probes for load balancers and orchestrators"},
         ],
     )
+    app.openapi = lambda: _openapi_with_problems(app)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.registry = registry
     install_problem_handlers(app)

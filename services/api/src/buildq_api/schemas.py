@@ -60,8 +60,58 @@ class ProjectCreate(BaseModel):
         return value
 
 
+_STAGE_EXAMPLE: dict[str, Any] = {
+    "name": "plan",
+    "status": "SUCCEEDED",
+    "attempt": 1,
+    "worker_id": "ip-10-0-1-23-7-a1b2c3",
+    "started_at": "2026-11-23T10:00:00.120Z",
+    "finished_at": "2026-11-23T10:00:00.640Z",
+    "output": {"stage": "plan", "attempt": 1, "seconds": 0.5},
+    "error": None,
+}
+_PROJECT_EXAMPLE: dict[str, Any] = {
+    "id": "01JDQ8Z5W3K7N2P4R6T8V0X2Y4",
+    "name": "my-agent",
+    "workflow": "demo",
+    "parameters": {"stage_seconds": 0.5, "fail_at_stage": None, "fail_times": None},
+    "status": "BUILDING",
+    "attempt": 1,
+    "releases": 0,
+    "created_at": "2026-11-23T10:00:00.010Z",
+    "updated_at": "2026-11-23T10:00:00.650Z",
+    "started_at": "2026-11-23T10:00:00.100Z",
+    "finished_at": None,
+    "last_error": None,
+    "worker_id": "ip-10-0-1-23-7-a1b2c3",
+    "cancel_requested": False,
+    "stages": [
+        _STAGE_EXAMPLE,
+        {
+            **_STAGE_EXAMPLE,
+            "name": "generate",
+            "status": "RUNNING",
+            "finished_at": None,
+            "output": None,
+        },
+        {
+            "name": "build",
+            "status": "PENDING",
+            "attempt": 0,
+            "worker_id": None,
+            "started_at": None,
+            "finished_at": None,
+            "output": None,
+            "error": None,
+        },
+    ],
+}
+
+
 class ProjectPublic(BaseModel):
     """A project as clients see it: status, attempt, timestamps and per-stage snapshots."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_PROJECT_EXAMPLE]})
 
     id: str = Field(description="The project id (a ULID: sorts by creation time)")
     name: str
@@ -104,6 +154,12 @@ class ProjectPublic(BaseModel):
 
 class ProjectPage(BaseModel):
     """One page of a tenant's projects, newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [_PROJECT_EXAMPLE], "next_cursor": "eyJ2IjoxfQ.c2ln"}]
+        }
+    )
 
     items: list[ProjectPublic]
     next_cursor: str | None = Field(

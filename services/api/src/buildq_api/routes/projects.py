@@ -27,7 +27,6 @@ from buildq_api.deps import (
     TenantDep,
     WatchDep,
 )
-from buildq_api.problems import PROBLEM_JSON
 from buildq_api.schemas import Problem, ProjectCreate, ProjectPage, ProjectPublic
 from buildq_api.watch import etag
 
@@ -39,7 +38,7 @@ router = APIRouter(prefix="/v1/projects", tags=["projects"])
 
 ProjectId = Annotated[str, Path(pattern=ULID_PATTERN, description="Project id (a ULID)")]
 
-_problem: dict[str, Any] = {"model": Problem, "content": {PROBLEM_JSON: {}}}
+_problem: dict[str, Any] = {"model": Problem}  # served as problem+json (see app.openapi)
 _errors: dict[int | str, dict[str, Any]] = {
     status: {**_problem, "description": description}
     for status, description in {
