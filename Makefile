@@ -23,7 +23,7 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
-$(VENV)/.installed: $(UV) uv.lock pyproject.toml shared/pyproject.toml services/api/pyproject.toml services/worker/pyproject.toml ops/pyproject.toml
+$(VENV)/.installed: $(UV) uv.lock pyproject.toml shared/pyproject.toml services/api/pyproject.toml services/worker/pyproject.toml ops/pyproject.toml client/pyproject.toml
 	$(UV) sync --locked --all-packages --all-extras
 	@touch $@
 
@@ -31,13 +31,14 @@ install: $(VENV)/.installed ## Create .venv from the lock file
 
 run: install ## Start the emulator, the API and $(WORKERS) workers (settings in $(ENV_FILE); Ctrl-C stops all)
 	@set -a && source $(ENV_FILE) && echo "buildq: API http://$$BUILDQ_API_HOST:$$BUILDQ_API_PORT (docs: /docs)," \
-		"AWS emulator $$AWS_ENDPOINT_URL, $(WORKERS) workers. Ctrl-C stops everything."
+		"AWS emulator $$AWS_ENDPOINT_URL, $(WORKERS) workers." \
+		"API keys: dev (tenant demo), dev2 (tenant other). Ctrl-C stops everything."
 	@PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/honcho --env $(ENV_FILE) --procfile Procfile start --concurrency worker=$(WORKERS)
 
 lint: install ## ruff + mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy shared/src services/api/src services/worker/src ops/src tests
+	$(BIN)/mypy shared/src services/api/src services/worker/src ops/src client/src tests
 
 fmt: install ## Format and autofix
 	$(BIN)/ruff format .

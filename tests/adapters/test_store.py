@@ -256,3 +256,24 @@ def test_sweep_candidates_come_from_the_index_and_leave_it_when_done(stack: Stac
         )
 
     assert run(scenario, stack) == (1, True, False, 0)
+
+
+def test_concurrent_claims_have_exactly_one_winner(stack: Stack) -> None:
+    # The claim is the only thing between a duplicate message and a second run.
+    async def scenario(store: DynamoProjectStore) -> list[int]:
+        winners = []
+        for _ in range(10):
+            project = a_project()
+            await store.create(project)
+
+            async def claim(worker: str, project_id: str = project.project_id) -> int:
+                try:
+                    await store.claim("t1", project_id, worker_id=worker, lease_seconds=30)
+                except ClaimRefusedError:
+                    return 0
+                return 1
+
+            winners.append(sum(await asyncio.gather(*(claim(f"w{i}") for i in range(10)))))
+        return winners
+
+    assert run(scenario, stack) == [1] * 10
