@@ -120,7 +120,12 @@ def test_oversized_body_is_a_413(api: Stack, chunked: bool) -> None:
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"cursor": "bm9wZQ"}, "cursor")],
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"cursor": "bm9wZQ"}, "cursor"),
+        ({"stauts": "QUEUED"}, "stauts"),  # a misspelt parameter is not silently ignored
+    ],
 )
 def test_bad_list_query_is_a_422(api: Stack, params: dict[str, Any], field: str) -> None:
     with api.http() as http:

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from buildq.aws import aws_clients
@@ -16,6 +16,7 @@ from buildq.settings import ApiSettings
 from buildq.store import DynamoProjectStore
 from buildq.workflows.registry import load_registry
 from buildq_api.auth import ApiKeyAuthenticator
+from buildq_api.deps import reject_unknown_query_parameters
 from buildq_api.middleware import RequestContextMiddleware
 from buildq_api.problems import PROBLEM_JSON, install_problem_handlers
 from buildq_api.routes import health, projects
@@ -81,6 +82,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query_parameters)],
         openapi_tags=[
             {"name": "projects", "description": "Create projects and follow their builds"},
             {"name": "health", "description": "Probes for load balancers and orchestrators"},

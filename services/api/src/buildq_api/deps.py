@@ -6,6 +6,8 @@ from typing import Annotated
 
 import structlog
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from buildq.queue import BuildQueue
@@ -57,6 +59,26 @@ async def get_tenant(
 async def get_watch(request: Request) -> ProjectWatch:
     watch: ProjectWatch = request.app.state.watch
     return watch
+
+
+async def reject_unknown_query_parameters(request: Request) -> None:
+    """A misspelt query parameter (``?stauts=``) is an error, not silently ignored."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = {param.alias for param in route.dependant.query_params}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": "unknown query parameter",
+                    "type": "extra_forbidden",
+                }
+                for name in unknown
+            ]
+        )
 
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]

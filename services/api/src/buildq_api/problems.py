@@ -8,6 +8,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from buildq.errors import ConflictError, NotFoundError, UnavailableError, UnknownWorkflowError
@@ -89,6 +90,14 @@ def validation_errors(errors: list[Any]) -> list[dict[str, Any]]:
     return [{"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in errors]
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(request.url.path):
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -101,9 +110,13 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = str(exc.detail)
+        headers = dict(exc.headers or {})
         if exc.status_code == 413:
             detail = f"Request body exceeds {request.app.state.settings.max_body_bytes} bytes"
-        return problem(request, exc.status_code, detail, headers=dict(exc.headers or {}))
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; list them all.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return problem(request, exc.status_code, detail, headers=headers)
 
     @app.exception_handler(UnknownWorkflowError)
     async def _unknown_workflow(request: Request, exc: UnknownWorkflowError) -> JSONResponse:
