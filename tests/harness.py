@@ -195,6 +195,7 @@ class Stack:
             "BUILDQ_LOG_FORMAT": "json",
             "BUILDQ_RECEIVE_WAIT_SECONDS": "2",
             "BUILDQ_DRAIN_SECONDS": "2",
+            "BUILDQ_METRICS_PORT": "0",  # tests that read metrics pick a free port
             "BUILDQ_API_KEYS": f"{API_KEY}=demo,{OTHER_API_KEY}=other",
         }
         env.update({f"BUILDQ_{key.upper()}": str(value) for key, value in overrides.items()})

@@ -100,6 +100,7 @@ def project_to_item(project: Project, *, sweep_at: int | None) -> Item:
         "status": project.status.value,
         "attempt": project.attempt,
         "releases": project.releases,
+        "attempt_base": project.attempt_base,
         "created_at": project.created_at,
         "updated_at": project.updated_at,
         "cancel_requested": project.cancel_requested,
@@ -119,6 +120,10 @@ def project_to_item(project: Project, *, sweep_at: int | None) -> Item:
         plain["sweep_shard"] = sweep_shard(project.project_id)
         plain["sweep_at"] = sweep_at
     return {key: to_attr(value) for key, value in plain.items()}
+
+
+def from_attr(value: Any) -> Any:
+    return _deserializer.deserialize(value)
 
 
 def _plain(item: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +153,7 @@ def project_from_item(item: dict[str, Any]) -> Project:
         status=plain["status"],
         attempt=_int(plain.get("attempt")) or 0,
         releases=_int(plain.get("releases")) or 0,
+        attempt_base=_int(plain.get("attempt_base")) or 0,
         created_at=plain["created_at"],
         updated_at=plain["updated_at"],
         started_at=plain.get("started_at"),

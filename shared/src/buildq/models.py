@@ -79,6 +79,21 @@ class StageSnapshot(BaseModel):
     error: ErrorInfo | None = None
 
 
+class WorkerInfo(BaseModel):
+    """A live worker, as it announces itself in the table (refreshed, with a TTL)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    worker_id: str
+    host: str
+    version: str
+    slots_used: int
+    slots_total: int
+    started_at: str
+    last_seen: str
+    running: tuple[str, ...] = ()  # "tenant/project" of the runs it holds
+
+
 class Project(BaseModel):
     """A project as stored: the record of truth for its build."""
 
@@ -94,6 +109,9 @@ class Project(BaseModel):
     releases: int = Field(
         0, description="Runs handed back by draining workers: claims that used no attempt"
     )
+    attempt_base: int = Field(
+        0, description="Attempts used before the last replay: a replay grants a fresh budget"
+    )
     created_at: str
     updated_at: str
     started_at: str | None = None
@@ -107,8 +125,9 @@ class Project(BaseModel):
 
     @property
     def attempts_used(self) -> int:
-        """Attempts that count against the budget: claims, less releases."""
-        return self.attempt - self.releases
+        """Attempts that count against the budget: claims since the last replay, less
+        releases."""
+        return self.attempt - self.releases - self.attempt_base
 
     def stage(self, name: str) -> StageSnapshot:
         for snapshot in self.stages:

@@ -158,6 +158,13 @@ class WorkerSettings(Settings):
     sweep_interval: float = Field(
         30.0, gt=0, description="How often a worker tries to run the sweeper, s"
     )
+    presence_interval: float = Field(
+        10.0, gt=0, description="How often a worker refreshes its entry in `buildq workers`, s"
+    )
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics and /healthz")
+    metrics_port: int = Field(
+        9102, ge=0, le=65535, description="Port of the worker's /metrics and /healthz (0: off)"
+    )
     loop_lag_warning: float = Field(0.5, gt=0, description="Log event-loop lag above this, s")
     retry_base_seconds: float = Field(
         2.0, ge=0, description="Backoff before a retry: base, doubled per attempt, jittered"

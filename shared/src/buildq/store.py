@@ -21,6 +21,7 @@ from buildq.items import (
     SWEEP_INDEX,
     TTL_ATTRIBUTE,
     api_key_key,
+    from_attr,
     idempotency_sk,
     project_from_item,
     project_key,
@@ -28,14 +29,16 @@ from buildq.items import (
     project_to_item,
     shard_key,
     stage_to_plain,
+    sweep_shard,
     tenant_pk,
     to_attr,
 )
-from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot
+from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot, WorkerInfo
 from buildq.settings import Settings
 from buildq.transitions import ClaimRefusal, check_transition, claim_refusal
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+WORKERS_PK = "WORKERS"  # one partition: a Query lists the fleet
 LIST_MAX_QUERIES = 5
 
 if TYPE_CHECKING:
@@ -123,6 +126,13 @@ class ProjectStore(Protocol):
     ) -> None: ...
     async def release(self, token: RunToken, *, stages: Sequence[StageSnapshot] = ()) -> None: ...
     async def request_cancel(self, tenant_id: str, project_id: str) -> Project: ...
+    async def replay(self, tenant_id: str, project_id: str) -> Project: ...
+    async def put_worker(self, worker: WorkerInfo, *, ttl_seconds: float) -> None: ...
+    async def delete_worker(self, worker_id: str) -> None: ...
+    async def list_workers(self) -> list[WorkerInfo]: ...
+    async def scan_projects(
+        self, *, limit: int, status: ProjectStatus | None = None
+    ) -> list[Project]: ...
     async def acquire_lock(self, name: str, owner: str, seconds: float) -> bool: ...
     async def due_for_sweep(
         self, shard: int, *, before: int, limit: int
@@ -333,6 +343,107 @@ class DynamoProjectStore:
         if last is not None:  # stopped reading early: continue where the reads stopped
             return projects, last["sk"]["S"].removeprefix(project_sk(""))
         return projects, None
+
+    async def scan_projects(
+        self, *, limit: int, status: ProjectStatus | None = None
+    ) -> list[Project]:
+        """Projects of every tenant, for operators (a table scan: small tables only)."""
+        kwargs: dict[str, Any] = {
+            "FilterExpression": "begins_with(sk, :prefix)"
+            + (" AND #status = :status" if status else ""),
+            "ExpressionAttributeValues": {":prefix": {"S": project_sk("")}},
+        }
+        if status is not None:
+            kwargs["ExpressionAttributeNames"] = {"#status": "status"}
+            kwargs["ExpressionAttributeValues"][":status"] = {"S": status.value}
+        projects: list[Project] = []
+        while len(projects) < limit:
+            response = await self._retry.call(
+                "Scan", self._client.scan, TableName=self._table, **kwargs
+            )
+            projects += [project_from_item(item) for item in response.get("Items", [])]
+            if "LastEvaluatedKey" not in response:
+                break
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        projects.sort(key=lambda project: project.project_id, reverse=True)
+        return projects[:limit]
+
+    async def replay(self, tenant_id: str, project_id: str) -> Project:
+        """FAILED → QUEUED with a fresh attempt budget (on-call's DLQ replay).
+
+        Conditional: only one of two replays running at once wins; the other gets a
+        ``ConflictError`` (with the project as it is) and must not send a message.
+        """
+        current = await self.get(tenant_id, project_id)
+        if current is None:
+            raise NotFoundError(f"project {project_id} not found")
+        update = (
+            _Update()
+            .set("status", ProjectStatus.QUEUED.value)
+            .set("attempt_base", current.attempt - current.releases)
+            .set("updated_at", iso(utcnow()))
+            .set("sweep_shard", sweep_shard(project_id))
+            .set("sweep_at", epoch_ms())
+            .set("cancel_requested", False)
+            .remove("finished_at")
+        )
+        # Same attempt as read: a concurrent replay (or anything else) makes this lose.
+        condition = (
+            f"{update.name('status')} = {update.value(ProjectStatus.FAILED.value)}"
+            f" AND {update.name('attempt')} = {update.value(current.attempt)}"
+        )
+        key = project_key(tenant_id, project_id)
+        return project_from_item(await self._update(key, update, condition, what="replay"))
+
+    # -- workers --------------------------------------------------------------------
+
+    async def put_worker(self, worker: WorkerInfo, *, ttl_seconds: float) -> None:
+        """Announce (or refresh) a live worker; the item expires if it stops refreshing."""
+        plain = worker.model_dump()
+        plain["running"] = list(worker.running)
+        item = {key: to_attr(value) for key, value in plain.items()}
+        await self._retry.call(
+            "PutItem(worker)",
+            self._client.put_item,
+            TableName=self._table,
+            Item={
+                **item,
+                "pk": {"S": WORKERS_PK},
+                "sk": {"S": f"WORKER#{worker.worker_id}"},
+                "seen_ms": {"N": str(epoch_ms())},
+                "alive_until_ms": {"N": str(epoch_ms() + int(ttl_seconds * 1000))},
+                TTL_ATTRIBUTE: {"N": str(epoch_ms() // 1000 + int(ttl_seconds))},
+            },
+        )
+
+    async def delete_worker(self, worker_id: str) -> None:
+        await self._retry.call(
+            "DeleteItem(worker)",
+            self._client.delete_item,
+            TableName=self._table,
+            Key={"pk": {"S": WORKERS_PK}, "sk": {"S": f"WORKER#{worker_id}"}},
+        )
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """Workers that refreshed their entry recently (expired entries are skipped even
+        where TTL deletion lags, as in moto, which never deletes)."""
+        response = await self._retry.call(
+            "Query(workers)",
+            self._client.query,
+            TableName=self._table,
+            KeyConditionExpression="pk = :pk",
+            FilterExpression="alive_until_ms > :now",
+            ExpressionAttributeValues={
+                ":pk": {"S": WORKERS_PK},
+                ":now": {"N": str(epoch_ms())},
+            },
+            ConsistentRead=True,
+        )
+        workers = []
+        for item in response.get("Items", []):
+            plain = {k: v for k, v in item.items() if k in WorkerInfo.model_fields}
+            workers.append(WorkerInfo.model_validate({k: from_attr(v) for k, v in plain.items()}))
+        return sorted(workers, key=lambda worker: worker.worker_id)
 
     # -- API keys -----------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from buildq.settings import WorkerSettings
 from buildq.store import ClaimRefusedError, ProjectStore, RunToken
 from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_outcome
 from buildq.workflows.registry import WorkflowRegistry
+from buildq_worker.presence import Presence
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
 from buildq_worker.sweeper import Sweeper
 
@@ -80,6 +81,13 @@ class Worker:
             queued_after=settings.sweep_queued_after,
             building_after=settings.sweep_building_after,
         )
+        self.presence = Presence(
+            store,
+            worker_id=settings.worker_id,
+            slots=settings.max_workflow_workers,
+            interval=settings.presence_interval,
+            running=self._running_projects,
+        )
         self._runs: dict[str, ActiveRun] = {}  # by SQS message id
         self._stopping = asyncio.Event()
         self._release_now = asyncio.Event()
@@ -90,6 +98,13 @@ class Worker:
     @property
     def active(self) -> int:
         return len(self._runs)
+
+    def _running_projects(self) -> list[str]:
+        return sorted(
+            f"{run.token.tenant_id}/{run.token.project_id}"
+            for run in self._runs.values()
+            if run.token is not None
+        )
 
     def request_shutdown(self) -> None:
         """First call: stop receiving and drain. Second call: release at once."""
@@ -103,7 +118,9 @@ class Worker:
     async def run(self) -> None:
         await self._wait_for_queue()
         log.info("worker.started", slots=self.capacity)
+        await self._best_effort(self.presence.beat)
         background = [
+            asyncio.create_task(self._every(self.settings.presence_interval, self.presence.beat)),
             asyncio.create_task(self._every(self._heartbeat_interval(), self._heartbeat)),
             asyncio.create_task(self._every(self.settings.sweep_interval, self.sweeper.tick)),
             asyncio.create_task(self._watch_loop_lag()),
@@ -117,7 +134,14 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self._best_effort(self.presence.leave)
         log.info("worker.stopped")
+
+    async def _best_effort(self, job: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await job()
+        except Exception:
+            log.exception("worker.background_job_failed", job=job.__name__)
 
     # -- receiving ---------------------------------------------------------
 
@@ -450,10 +474,7 @@ class Worker:
     async def _every(self, interval: float, job: Callable[[], Awaitable[object]]) -> None:
         while True:
             await asyncio.sleep(interval)
-            try:
-                await job()
-            except Exception:
-                log.exception("worker.background_job_failed", job=job.__name__)
+            await self._best_effort(job)
 
     async def _watch_loop_lag(self) -> None:
         """Log when the event loop is blocked (a sync stage not in a thread, say)."""
