@@ -364,3 +364,15 @@ class Stack:
             return body if body["status"] in statuses else None
 
         return wait_until(check, timeout=timeout, interval=0.2, what=f"{project_id} in {statuses}")
+
+    def wait_for_stage(
+        self, http: httpx.Client, project_id: str, stage: int, status: str, timeout: float = 30
+    ) -> dict[str, Any]:
+        """Wait for one stage's status (the claim and the first stage's start are two
+        writes: BUILDING alone does not mean a stage runs yet)."""
+
+        def check() -> dict[str, Any] | None:
+            body: dict[str, Any] = http.get(f"/v1/projects/{project_id}").json()
+            return body if body["stages"][stage]["status"] == status else None
+
+        return wait_until(check, timeout=timeout, interval=0.1, what=f"stage {stage} {status}")

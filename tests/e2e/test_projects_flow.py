@@ -60,8 +60,8 @@ def test_post_answers_at_once_while_the_workflow_runs(stack: Stack) -> None:
         elapsed = time.perf_counter() - started
         assert elapsed < 0.5, f"POST took {elapsed:.3f}s"
         assert project["status"] == "QUEUED"
-        building = stack.wait_for_status(http, project["id"], {"BUILDING"}, timeout=20)
-        assert building["stages"][0]["status"] == "RUNNING"
+        building = stack.wait_for_stage(http, project["id"], 0, "RUNNING", timeout=20)
+        assert building["status"] == "BUILDING"
         assert building["stages"][1]["status"] == "PENDING"
 
 

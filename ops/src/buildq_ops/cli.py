@@ -17,12 +17,14 @@ from buildq.logging import configure_logging
 from buildq.resources import BootstrapResult, bootstrap
 from buildq.settings import Settings, hash_api_key
 from buildq.store import DynamoProjectStore
+from buildq_ops import oncall
 from buildq_ops.emulator import running_emulator, wait_for_signal
 
 T = TypeVar("T")
 
 app = typer.Typer(
-    help="Operate buildq: create its AWS resources, run the local emulator.",
+    help="Operate buildq: resources, API keys, the dead-letter queue, the queue, projects "
+    "and workers; and the local AWS emulator.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -70,6 +72,10 @@ api_key_app = typer.Typer(
     help="Manage API keys (stored hashed in the table).", no_args_is_help=True
 )
 app.add_typer(api_key_app, name="api-key")
+app.add_typer(oncall.dlq_app, name="dlq")
+app.add_typer(oncall.queue_app, name="queue")
+app.add_typer(oncall.projects_app, name="projects")
+app.command("workers")(oncall.workers_command)
 
 
 def _with_store(settings: Settings, fn: Callable[[DynamoProjectStore], Awaitable[T]]) -> T:

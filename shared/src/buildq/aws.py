@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from tenacity import (
 )
 
 from buildq.errors import ConflictError, ResourceMissingError, UnavailableError
+from buildq.metrics import AWS_CALL_SECONDS, aws_operation
 from buildq.settings import Settings
 
 if TYPE_CHECKING:
@@ -50,9 +53,38 @@ class RetryPolicy:
             reraise=True,
         )
         async for attempt in retrying:
-            with attempt, translate_errors(operation):
+            # timed() sees the translated error: it sits outside translate_errors().
+            with attempt, timed(operation), translate_errors(operation):
                 return await fn(**kwargs)
         raise AssertionError("unreachable")  # pragma: no cover: reraise=True
+
+
+@contextmanager
+def timed(operation: str) -> Iterator[None]:
+    """Record one attempt of an AWS call in ``buildq_aws_call_duration_seconds``."""
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        yield
+    except BaseException as exc:
+        outcome = _outcome(exc)
+        raise
+    finally:
+        AWS_CALL_SECONDS.labels(operation=aws_operation(operation), outcome=outcome).observe(
+            time.perf_counter() - started
+        )
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, ConflictError):
+        return "conflict"  # a condition that failed: an answer, not a failure
+    if isinstance(exc, ResourceMissingError):
+        return "missing"
+    if isinstance(exc, UnavailableError):
+        return "unavailable"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
 
 
 def _transient(exc: BaseException) -> bool:

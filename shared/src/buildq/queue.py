@@ -46,17 +46,29 @@ class DeadLetter:
     worker_id: str
 
 
+@dataclass(frozen=True)
+class QueueDepth:
+    """Approximate message counts (SQS's own): the build queue's visible, in-flight
+    (received, not yet deleted) and delayed messages, and the DLQ's visible ones."""
+
+    visible: int
+    in_flight: int
+    delayed: int
+    dlq_visible: int
+
+
 class BuildQueue(Protocol):
     async def send(self, message: BuildMessage, *, delay_seconds: int = 0) -> str: ...
     async def receive(
-        self, max_messages: int, *, wait_seconds: int, visibility_timeout: int
+        self, max_messages: int, *, wait_seconds: int, visibility_timeout: int, dlq: bool = False
     ) -> list[ReceivedMessage]: ...
-    async def delete(self, receipt_handle: str) -> None: ...
+    async def delete(self, receipt_handle: str, *, dlq: bool = False) -> None: ...
     async def change_visibility(self, receipt_handle: str, seconds: int) -> None: ...
     async def change_visibility_batch(
-        self, receipt_handles: Sequence[str], seconds: int
+        self, receipt_handles: Sequence[str], seconds: int, *, dlq: bool = False
     ) -> list[str]: ...
     async def dead_letter(self, body: str, reason: DeadLetter) -> str: ...
+    async def depth(self) -> QueueDepth: ...
     async def ping(self) -> None: ...
 
 
@@ -100,6 +112,10 @@ class SqsBuildQueue:
                     self._urls = (main["QueueUrl"], dlq["QueueUrl"])
         return self._urls
 
+    async def _url(self, dlq: bool) -> str:
+        main, dead = await self.urls()
+        return dead if dlq else main
+
     async def send(self, message: BuildMessage, *, delay_seconds: int = 0) -> str:
         url, _ = await self.urls()
         response = await self._retry.call(
@@ -112,9 +128,10 @@ class SqsBuildQueue:
         return response["MessageId"]
 
     async def receive(
-        self, max_messages: int, *, wait_seconds: int, visibility_timeout: int
+        self, max_messages: int, *, wait_seconds: int, visibility_timeout: int, dlq: bool = False
     ) -> list[ReceivedMessage]:
-        url, _ = await self.urls()
+        """Receive from the build queue (or, for operators, the dead-letter queue)."""
+        url = await self._url(dlq)
         response = await self._retry.call(
             "ReceiveMessage",
             self._client.receive_message,
@@ -140,8 +157,8 @@ class SqsBuildQueue:
             for raw in response.get("Messages", [])
         ]
 
-    async def delete(self, receipt_handle: str) -> None:
-        url, _ = await self.urls()
+    async def delete(self, receipt_handle: str, *, dlq: bool = False) -> None:
+        url = await self._url(dlq)
         await self._retry.call(
             "DeleteMessage", self._client.delete_message, QueueUrl=url, ReceiptHandle=receipt_handle
         )
@@ -157,10 +174,10 @@ class SqsBuildQueue:
         )
 
     async def change_visibility_batch(
-        self, receipt_handles: Sequence[str], seconds: int
+        self, receipt_handles: Sequence[str], seconds: int, *, dlq: bool = False
     ) -> list[str]:
         """Change many visibilities in batches of ten; returns the handles that failed."""
-        url, _ = await self.urls()
+        url = await self._url(dlq)
         failed: list[str] = []
         for start in range(0, len(receipt_handles), SQS_BATCH):
             chunk = receipt_handles[start : start + SQS_BATCH]
@@ -197,6 +214,35 @@ class SqsBuildQueue:
             MessageAttributes=attributes,
         )
         return response["MessageId"]
+
+    async def depth(self) -> QueueDepth:
+        """How many messages wait (GetQueueAttributes on the build queue and the DLQ)."""
+        url, dlq = await self.urls()
+        main, dead = await asyncio.gather(
+            self._retry.call(
+                "GetQueueAttributes",
+                self._client.get_queue_attributes,
+                QueueUrl=url,
+                AttributeNames=[
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesNotVisible",
+                    "ApproximateNumberOfMessagesDelayed",
+                ],
+            ),
+            self._retry.call(
+                "GetQueueAttributes",
+                self._client.get_queue_attributes,
+                QueueUrl=dlq,
+                AttributeNames=["ApproximateNumberOfMessages"],
+            ),
+        )
+        counts, dead_counts = main.get("Attributes", {}), dead.get("Attributes", {})
+        return QueueDepth(
+            visible=int(counts.get("ApproximateNumberOfMessages", 0)),
+            in_flight=int(counts.get("ApproximateNumberOfMessagesNotVisible", 0)),
+            delayed=int(counts.get("ApproximateNumberOfMessagesDelayed", 0)),
+            dlq_visible=int(dead_counts.get("ApproximateNumberOfMessages", 0)),
+        )
 
     async def ping(self) -> None:
         url, _ = await self.urls()

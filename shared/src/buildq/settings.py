@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         description="Extra workflows to register, comma-separated `module:attribute` paths",
     )
 
+    dlq_hold_seconds: int = Field(
+        60,
+        ge=1,
+        le=43200,
+        description="How long `buildq dlq` hides a message it is working on (back at once "
+        "when done; after this if the command dies)",
+    )
     log_level: str = Field("INFO", description="Log level")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto = pretty on a terminal, JSON otherwise"

@@ -19,6 +19,7 @@ from buildq.clock import epoch_ms, iso, utcnow
 from buildq.errors import ConflictError, LeaseLostError, NotFoundError
 from buildq.items import (
     SWEEP_INDEX,
+    SWEEP_SHARDS,
     TTL_ATTRIBUTE,
     api_key_key,
     from_attr,
@@ -131,8 +132,9 @@ class ProjectStore(Protocol):
     async def delete_worker(self, worker_id: str) -> None: ...
     async def list_workers(self) -> list[WorkerInfo]: ...
     async def scan_projects(
-        self, *, limit: int, status: ProjectStatus | None = None
+        self, *, limit: int, status: ProjectStatus | None = None, project_id: str | None = None
     ) -> list[Project]: ...
+    async def oldest_queued_since(self) -> int | None: ...
     async def acquire_lock(self, name: str, owner: str, seconds: float) -> bool: ...
     async def due_for_sweep(
         self, shard: int, *, before: int, limit: int
@@ -345,17 +347,22 @@ class DynamoProjectStore:
         return projects, None
 
     async def scan_projects(
-        self, *, limit: int, status: ProjectStatus | None = None
+        self, *, limit: int, status: ProjectStatus | None = None, project_id: str | None = None
     ) -> list[Project]:
-        """Projects of every tenant, for operators (a table scan: small tables only)."""
-        kwargs: dict[str, Any] = {
-            "FilterExpression": "begins_with(sk, :prefix)"
-            + (" AND #status = :status" if status else ""),
-            "ExpressionAttributeValues": {":prefix": {"S": project_sk("")}},
-        }
+        """Projects of every tenant, for operators who do not know the tenant (a table
+        scan: fine for an on-call look-up, not for a hot path)."""
+        conditions = ["begins_with(sk, :prefix)"]
+        values: dict[str, Any] = {":prefix": {"S": project_sk("")}}
+        kwargs: dict[str, Any] = {}
         if status is not None:
+            conditions.append("#status = :status")
             kwargs["ExpressionAttributeNames"] = {"#status": "status"}
-            kwargs["ExpressionAttributeValues"][":status"] = {"S": status.value}
+            values[":status"] = {"S": status.value}
+        if project_id is not None:
+            conditions.append("project_id = :id")
+            values[":id"] = {"S": project_id}
+        kwargs["FilterExpression"] = " AND ".join(conditions)
+        kwargs["ExpressionAttributeValues"] = values
         projects: list[Project] = []
         while len(projects) < limit:
             response = await self._retry.call(
@@ -367,6 +374,31 @@ class DynamoProjectStore:
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         projects.sort(key=lambda project: project.project_id, reverse=True)
         return projects[:limit]
+
+    async def oldest_queued_since(self) -> int | None:
+        """When the longest-waiting QUEUED project was queued (epoch ms), from the
+        sweeper index: the age of the backlog without reading the queue."""
+        oldest: int | None = None
+        for shard in range(SWEEP_SHARDS):
+            response = await self._retry.call(
+                "Query(oldest)",
+                self._client.query,
+                TableName=self._table,
+                IndexName=SWEEP_INDEX,
+                KeyConditionExpression="sweep_shard = :shard",
+                FilterExpression="#status = :queued",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues={
+                    ":shard": {"S": shard_key(shard)},
+                    ":queued": {"S": ProjectStatus.QUEUED.value},
+                },
+                ScanIndexForward=True,
+                Limit=100,
+            )
+            for item in response.get("Items", [])[:1]:
+                since = int(item["sweep_at"]["N"])
+                oldest = since if oldest is None else min(oldest, since)
+        return oldest
 
     async def replay(self, tenant_id: str, project_id: str) -> Project:
         """FAILED → QUEUED with a fresh attempt budget (on-call's DLQ replay).

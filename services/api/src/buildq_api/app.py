@@ -19,7 +19,7 @@ from buildq_api.auth import ApiKeyAuthenticator
 from buildq_api.deps import reject_unknown_query_parameters
 from buildq_api.middleware import RequestContextMiddleware
 from buildq_api.problems import PROBLEM_JSON, install_problem_handlers
-from buildq_api.routes import health, projects
+from buildq_api.routes import health, metrics, projects
 from buildq_api.watch import ProjectWatch
 
 DESCRIPTION = """
@@ -94,5 +94,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(projects.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

@@ -1,5 +1,5 @@
-"""Pure ASGI middleware (no per-request task or body copy): request ids and one
-canonical log line per request."""
+"""Pure ASGI middleware (no per-request task or body copy): request ids, one
+canonical log line per request, and the request metrics."""
 
 from __future__ import annotations
 
@@ -10,18 +10,41 @@ import uuid
 
 import structlog
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from buildq_api.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS
 from buildq_api.problems import PROBLEM_JSON, problem_body
 
 REQUEST_ID_HEADER = b"x-request-id"
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
+UNMATCHED_ROUTE = "<unmatched>"  # the route label of a request no route matched
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_template(scope: Scope) -> str:
+    """The template of the route that served ``scope`` (``/v1/projects/{project_id}``),
+    never the raw path, so the metric labels stay few.
+
+    FastAPI leaves the matched route in the scope; its plain Starlette routes (the docs)
+    do not, so those are matched here. Anything else (a 404, or a body refused for its
+    size before routing) is ``UNMATCHED_ROUTE``.
+    """
+    template = getattr(scope.get("route"), "path_format", None)
+    if isinstance(template, str):
+        return template
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        template = getattr(route, "path_format", None)
+        if isinstance(template, str) and route.matches(scope)[0] is not Match.NONE:
+            return template
+    return UNMATCHED_ROUTE
+
 
 class RequestContextMiddleware:
     """Binds ``request_id`` (taken from X-Request-ID if sane) to every log line,
-    echoes it on the response, and logs ``request.finished`` with the status and
-    duration.
+    echoes it on the response, logs ``request.finished`` with the status and
+    duration, and counts and times the request by route template, method and status.
 
     Bodies over ``max_body_bytes`` get a problem+json 413: at once when the
     Content-Length says so, else as soon as the streamed bytes pass the limit.
@@ -73,12 +96,22 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, limited_receive, send_with_id)
         finally:
+            duration = time.perf_counter() - started
+            method = scope["method"]
+            labels = {
+                "route": route_template(scope),
+                "method": method if method in _METHODS else "OTHER",
+                "status": str(status),
+            }
+            HTTP_REQUESTS.labels(**labels).inc()
+            HTTP_REQUEST_SECONDS.labels(**labels).observe(duration)
             structlog.get_logger().info(
                 "request.finished",
-                method=scope["method"],
+                method=method,
                 path=scope["path"],
+                route=labels["route"],
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round(duration * 1000, 2),
             )
 
     async def _too_large(self, scope: Scope, send: Send) -> None:

@@ -14,6 +14,7 @@ from buildq.queue import SqsBuildQueue
 from buildq.settings import WorkerSettings
 from buildq.store import DynamoProjectStore
 from buildq.workflows.registry import load_registry
+from buildq_worker.server import serving
 from buildq_worker.worker import Worker
 
 
@@ -29,7 +30,8 @@ async def serve(settings: WorkerSettings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_shutdown)
-        await worker.run()
+        async with serving(worker, settings.metrics_host, settings.metrics_port):
+            await worker.run()
 
 
 def main() -> None:

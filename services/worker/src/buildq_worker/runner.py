@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,6 +29,7 @@ from buildq.workflows.base import (
     StageContext,
     Workflow,
 )
+from buildq_worker.metrics import STAGE_SECONDS
 
 MAX_OUTPUT_BYTES = 8 * 1024  # keeps the whole project item far below DynamoDB's 400 KB
 
@@ -179,14 +181,23 @@ async def _run_stage(
         cancel_event=cancel_event,
     )
     deadline = asyncio.timeout(min(stage_limit, workflow_remaining))
+    began = time.monotonic()
+
+    def observe(outcome: str) -> None:
+        STAGE_SECONDS.labels(workflow=project.workflow, stage=name, outcome=outcome).observe(
+            time.monotonic() - began
+        )
+
     try:
         async with deadline:
             output = _checked_output(name, await _call(stage, ctx))
     except CancelledByRequestError as exc:
+        observe("cancelled")
         stopped = stage_finished(started, now=now_iso(), error=_error_info(exc))
         return RunResult(RunStatus.CANCELLED, [stopped])
     except Exception as exc:  # every failure of user code is reported, none escapes
         if isinstance(exc, TimeoutError) and deadline.expired():
+            observe("timed_out")
             if workflow_remaining < stage_limit:
                 stage_log.warning("workflow.timed_out")
                 return _timed_out(None, started, workflow_timeout)
@@ -194,6 +205,7 @@ async def _run_stage(
                 type="StageTimeoutError", message=f"stage {name!r} exceeded {stage_limit}s"
             )
         else:
+            observe("failed")
             error = _error_info(exc)
         stage_log.warning("stage.failed", error_type=error.type, error=error.message)
         return RunResult(
@@ -203,5 +215,6 @@ async def _run_stage(
             permanent=isinstance(exc, PermanentError),
             retry_delay=exc.delay if isinstance(exc, RetryableError) else None,
         )
+    observe("succeeded")
     stage_log.info("stage.finished")
     return stage_finished(started, now=now_iso(), output=output)

@@ -8,13 +8,21 @@ index; when that time passes (QUEUED too long, or BUILDING long past its
 lease), the sweeper sends a fresh message. Duplicates are harmless: the claim
 decides who runs. Workers take turns under a short DynamoDB lock, so only one
 sweeps at a time, and it reads only the index, never the table.
+
+The lock holder also writes the fleet's autoscaling signal, backlog per worker
+slot, once per interval as a CloudWatch Embedded Metric Format line on stdout.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from typing import Any, TextIO
+
 import structlog
 
 from buildq.clock import epoch_ms
+from buildq.errors import UnavailableError
 from buildq.items import SWEEP_SHARDS
 from buildq.messages import BuildReason, build_message
 from buildq.models import ProjectStatus
@@ -25,6 +33,36 @@ log = structlog.get_logger()
 
 LOCK_NAME = "sweeper"
 BATCH = 100  # candidates per shard per pass
+EMF_NAMESPACE = "buildq"
+
+
+def backlog_emf(
+    queue_name: str, *, visible: int, worker_slots: int, timestamp_ms: int
+) -> dict[str, Any]:
+    """One CloudWatch Embedded Metric Format record: the build queue's visible
+    messages per live worker slot (a scale-out target), and the two raw numbers. With
+    no live slot at all the ratio is the visible count (as if there were one)."""
+    return {
+        "_aws": {
+            "Timestamp": timestamp_ms,
+            "CloudWatchMetrics": [
+                {
+                    "Namespace": EMF_NAMESPACE,
+                    "Dimensions": [["QueueName"]],
+                    "Metrics": [
+                        {"Name": "BacklogPerWorkerSlot", "Unit": "None"},
+                        {"Name": "VisibleMessages", "Unit": "Count"},
+                        {"Name": "WorkerSlots", "Unit": "Count"},
+                    ],
+                }
+            ],
+        },
+        "event": "queue.backlog",
+        "QueueName": queue_name,
+        "BacklogPerWorkerSlot": round(visible / max(worker_slots, 1), 4),
+        "VisibleMessages": visible,
+        "WorkerSlots": worker_slots,
+    }
 
 
 class Sweeper:
@@ -34,22 +72,44 @@ class Sweeper:
         queue: BuildQueue,
         *,
         owner: str,
+        queue_name: str,
         interval: float,
         queued_after: float,
         building_after: float,
+        out: TextIO | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
         self.owner = owner
+        self.queue_name = queue_name
         self.interval = interval
+        self._out = out  # None: sys.stdout at the time of writing
         self._queued_after_ms = int(queued_after * 1000)
         self._building_after_ms = int(building_after * 1000)
 
     async def tick(self) -> int | None:
-        """Sweep once if this worker holds the lock; returns how many were re-enqueued."""
+        """Sweep once, and report the backlog, if this worker holds the lock; returns
+        how many were re-enqueued."""
         if not await self.store.acquire_lock(LOCK_NAME, self.owner, self.interval):
             return None
-        return await self.sweep()
+        enqueued = await self.sweep()
+        try:
+            await self.report_backlog()
+        except UnavailableError as exc:  # a missed value, not a failed sweep
+            log.warning("queue.backlog_failed", error=str(exc))
+        return enqueued
+
+    async def report_backlog(self) -> None:
+        """Write one EMF line: the build queue's visible messages per live worker slot."""
+        depth = await self.queue.depth()
+        slots = sum(worker.slots_total for worker in await self.store.list_workers())
+        record = backlog_emf(
+            self.queue_name, visible=depth.visible, worker_slots=slots, timestamp_ms=epoch_ms()
+        )
+        record["worker_id"] = self.owner  # which worker wrote it: a plain property
+        out = self._out or sys.stdout
+        out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        out.flush()
 
     async def sweep(self) -> int:
         enqueued = 0

@@ -18,10 +18,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import structlog
 
+from buildq.clock import parse_iso
 from buildq.errors import LeaseLostError, MessageError, UnavailableError, UnknownWorkflowError
 from buildq.messages import BuildMessage, BuildReason, build_message, decode
 from buildq.models import ErrorInfo, Project, ProjectStatus
@@ -30,6 +32,7 @@ from buildq.settings import WorkerSettings
 from buildq.store import ClaimRefusedError, ProjectStore, RunToken
 from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_outcome
 from buildq.workflows.registry import WorkflowRegistry
+from buildq_worker import metrics
 from buildq_worker.presence import Presence
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
 from buildq_worker.sweeper import Sweeper
@@ -77,6 +80,7 @@ class Worker:
             store,
             queue,
             owner=settings.worker_id,
+            queue_name=settings.queue_name,
             interval=settings.sweep_interval,
             queued_after=settings.sweep_queued_after,
             building_after=settings.sweep_building_after,
@@ -94,10 +98,32 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._backoff = Backoff(settings.retry_base_seconds, settings.retry_cap_seconds)
         self._hand_back: asyncio.Task[None] | None = None
+        # /healthz: when the receive loop last went round, and whether it is waiting
+        # for a slot (all busy: not a stall).
+        self._receive_progress = time.monotonic()
+        self._waiting_for_slot = False
 
     @property
     def active(self) -> int:
         return len(self._runs)
+
+    @property
+    def stall_after(self) -> float:
+        """Longest an iteration of the receive loop may take: one long poll that hits
+        the read timeout, plus slack."""
+        return self.settings.receive_wait_seconds + self.settings.aws_read_timeout + 10.0
+
+    def receive_stalled_for(self) -> float | None:
+        """Seconds since the receive loop last went round, if that is longer than
+        ``stall_after`` although it has free slots; else None (healthy). A worker whose
+        slots are all busy, or that is draining, is not receiving by design."""
+        if self._stopping.is_set() or self._waiting_for_slot or self.active >= self.capacity:
+            return None
+        since = time.monotonic() - self._receive_progress
+        return since if since > self.stall_after else None
+
+    def _running_workflows(self) -> int:
+        return sum(1 for run in self._runs.values() if run.token is not None)
 
     def _running_projects(self) -> list[str]:
         return sorted(
@@ -116,6 +142,7 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
+        metrics.track_slots(self._running_workflows, lambda: self.capacity - self.active)
         await self._wait_for_queue()
         log.info("worker.started", slots=self.capacity)
         await self._best_effort(self.presence.beat)
@@ -141,6 +168,7 @@ class Worker:
         try:
             await job()
         except Exception:
+            metrics.BACKGROUND_JOB_FAILURES.labels(job=job.__name__.lstrip("_")).inc()
             log.exception("worker.background_job_failed", job=job.__name__)
 
     # -- receiving ---------------------------------------------------------
@@ -148,10 +176,15 @@ class Worker:
     async def _receive_loop(self) -> None:
         failures = 0
         while not self._stopping.is_set():
+            self._receive_progress = time.monotonic()
             free = self.capacity - self.active
             if free <= 0:
                 self._slot_freed.clear()
-                await self._until(self._slot_freed)
+                self._waiting_for_slot = True
+                try:
+                    await self._until(self._slot_freed)
+                finally:
+                    self._waiting_for_slot = False
                 continue
             try:
                 messages = await self._receive(free)
@@ -162,6 +195,7 @@ class Worker:
                 await self._until(None, limit=delay)
                 continue
             failures = 0
+            metrics.MESSAGES_RECEIVED.inc(len(messages))
             for message in messages:
                 self._start(message)
 
@@ -188,6 +222,7 @@ class Worker:
             messages = await receive
         except UnavailableError:
             return
+        metrics.MESSAGES_RECEIVED.inc(len(messages))
         if messages:
             await self.queue.change_visibility_batch([m.receipt_handle for m in messages], 0)
             log.info("worker.returned_unstarted", count=len(messages))
@@ -223,7 +258,7 @@ class Worker:
         try:
             await self._process(run)
         except LeaseLostError:
-            log.warning("project.lease_lost")
+            self._lease_lost()
         except Exception:
             # The message stays un-deleted: it reappears after the visibility timeout.
             log.exception("message.unhandled_error")
@@ -235,7 +270,8 @@ class Worker:
         try:
             build = decode(run.message.body)
         except MessageError as exc:
-            await self._dead_letter(run, ErrorInfo(type="PoisonMessage", message=str(exc)), 0)
+            error = ErrorInfo(type="PoisonMessage", message=str(exc))
+            await self._dead_letter(run, error, 0, reason="poison")
             return
         structlog.contextvars.bind_contextvars(
             project_id=build.project_id, tenant_id=build.tenant_id
@@ -255,16 +291,20 @@ class Worker:
         )
         run.attempts_used = project.attempts_used
         structlog.contextvars.bind_contextvars(attempt=project.attempt)
+        lag = _queue_lag(build, run.message)
+        metrics.QUEUE_LAG_SECONDS.labels(
+            delivery="first" if run.message.receive_count <= 1 else "redelivery"
+        ).observe(lag)
         log.info(
             "project.claimed",
             reason=build.reason.value,
             receive_count=run.message.receive_count,
-            queue_lag_ms=max(0, int(time.time() * 1000) - run.message.sent_at_ms),
+            queue_lag_ms=int(lag * 1000),
         )
         result = await self._run(run, project)
         if result.status is RunStatus.INTERRUPTED:
             if run.lease_lost:
-                log.warning("project.lease_lost")
+                self._lease_lost()
             else:
                 await self._release(run, result)
             return
@@ -312,6 +352,8 @@ class Worker:
 
     async def _refused(self, run: ActiveRun, build: BuildMessage, exc: ClaimRefusedError) -> None:
         message = run.message
+        # Every branch below logs what it does with the message.
+        metrics.CLAIM_REFUSALS.labels(reason=exc.refusal.value).inc()
         if exc.refusal is ClaimRefusal.MISSING:
             if message.receive_count <= self.settings.missing_project_retries:
                 # The API's PutItem may still be landing: look again shortly.
@@ -322,7 +364,7 @@ class Worker:
             error = ErrorInfo(
                 type="ProjectNotFound", message=f"project {build.project_id} does not exist"
             )
-            await self._dead_letter(run, error, 0)
+            await self._dead_letter(run, error, 0, reason="missing")
             return
         lease = exc.current.lease_expires_at if exc.current else None
         if exc.refusal is ClaimRefusal.LEASED and lease is not None:
@@ -337,7 +379,7 @@ class Worker:
         # Terminal, leased by a live worker, or FAILED awaiting a replay: this message
         # is a duplicate or stale, and the record already says what happens next.
         log.info("message.dropped", refusal=exc.refusal.value)
-        await self.queue.delete(message.receipt_handle)
+        await self._delete(run)
 
     async def _settle(self, run: ActiveRun, result: RunResult) -> None:
         """Write the run's final state, then act on the message."""
@@ -373,6 +415,7 @@ class Worker:
                 await self.queue.change_visibility(
                     run.message.receipt_handle, math.ceil(min(delay, SQS_MAX_VISIBILITY - 60))
                 )
+            metrics.RETRIES_SCHEDULED.inc()
             log.info(
                 "project.retry_scheduled",
                 retry_in=round(delay, 2),
@@ -383,11 +426,14 @@ class Worker:
         await self.store.finish(
             token, ProjectStatus.FAILED, error=result.error, stages=result.stages
         )
-        await self._dead_letter(run, result.error, run.attempts_used)
+        await self._dead_letter(run, result.error, run.attempts_used, reason="failed")
         log.warning("project.failed", error_type=result.error.type, error=result.error.message)
 
-    async def _dead_letter(self, run: ActiveRun, error: ErrorInfo, attempts: int) -> None:
-        """Send the message to the DLQ with its reason, then delete it here.
+    async def _dead_letter(
+        self, run: ActiveRun, error: ErrorInfo, attempts: int, *, reason: str
+    ) -> None:
+        """Send the message to the DLQ with its reason, then delete it here. ``reason``
+        (poison, missing or failed) labels the metric.
 
         A crash between the two leaves a duplicate in the DLQ, never a lost one.
         """
@@ -396,6 +442,7 @@ class Worker:
             DeadLetter(error=error, attempts=attempts, worker_id=self.settings.worker_id),
         )
         await self._delete(run)
+        metrics.MESSAGES_DEAD_LETTERED.labels(reason=reason).inc()
         log.warning("message.dead_lettered", error_type=error.type, error=error.message)
 
     async def _release(self, run: ActiveRun, result: RunResult) -> None:
@@ -407,12 +454,18 @@ class Worker:
         await self.store.release(token, stages=result.stages)
         await self.queue.send(build_message(token.tenant_id, token.project_id, BuildReason.RELEASE))
         await self._delete(run)
+        metrics.MESSAGES_RELEASED.inc()
         log.info("project.released")
 
     async def _delete(self, run: ActiveRun) -> None:
         if not run.message_deleted:
             await self.queue.delete(run.message.receipt_handle)
             run.message_deleted = True
+            metrics.MESSAGES_DELETED.inc()
+
+    def _lease_lost(self) -> None:
+        metrics.LEASE_LOSSES.inc()
+        log.warning("project.lease_lost")
 
     # -- heartbeats --------------------------------------------------------
 
@@ -445,6 +498,7 @@ class Worker:
                 if run.message.receipt_handle in failed and not run.message_deleted
             ]
             if live:
+                metrics.HEARTBEAT_FAILURES.labels(kind="visibility").inc(len(live))
                 log.warning("heartbeat.visibility_failed", message_ids=live)
         claimed = [run for run in runs if run.token is not None]
         outcomes = await asyncio.gather(
@@ -452,6 +506,7 @@ class Worker:
         )
         for run, outcome in zip(claimed, outcomes, strict=True):
             if isinstance(outcome, Exception):
+                metrics.HEARTBEAT_FAILURES.labels(kind="lease").inc()
                 log.warning(
                     "heartbeat.lease_failed",
                     project_id=run.token and run.token.project_id,
@@ -483,7 +538,8 @@ class Worker:
         while True:
             before = loop.time()
             await asyncio.sleep(period)
-            lag = loop.time() - before - period
+            lag = max(0.0, loop.time() - before - period)
+            metrics.EVENT_LOOP_LAG_SECONDS.observe(lag)
             if lag > self.settings.loop_lag_warning:
                 log.warning("worker.event_loop_lag", lag_ms=round(lag * 1000))
 
@@ -527,3 +583,16 @@ class Worker:
                 log.info("worker.waiting_for_queue", error=str(exc))
                 await self._until(None, limit=delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _queue_lag(build: BuildMessage, message: ReceivedMessage) -> float:
+    """Seconds from the message's ``enqueued_at`` (its producer's clock) to now; from
+    SQS's SentTimestamp if ``enqueued_at`` is not a timestamp."""
+    try:
+        enqueued = parse_iso(build.enqueued_at)
+        if enqueued.tzinfo is None:
+            enqueued = enqueued.replace(tzinfo=UTC)
+        sent = enqueued.timestamp()
+    except ValueError:
+        sent = message.sent_at_ms / 1000
+    return max(0.0, time.time() - sent)

@@ -27,6 +27,7 @@ from buildq_api.deps import (
     TenantDep,
     WatchDep,
 )
+from buildq_api.metrics import PROJECTS_CREATED
 from buildq_api.schemas import Problem, ProjectCreate, ProjectPage, ProjectPublic
 from buildq_api.watch import etag
 
@@ -140,6 +141,7 @@ async def create_project(
         # projects left QUEUED without a message, so the client still gets 202.
         log.warning("project.enqueue_failed", error=str(exc))
     if not created.replayed:
+        PROJECTS_CREATED.labels(workflow=workflow.name).inc()
         log.info("project.created", workflow=workflow.name)
     return ProjectPublic.of(project)
 
