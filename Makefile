@@ -6,6 +6,8 @@ PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
+INFRA_TOOLS := $(TOOLS)/infra
+INFRA_LOCK := infra/requirements-check.txt
 VENV := .venv
 BIN := $(VENV)/bin
 WORKERS ?= 2
@@ -14,10 +16,10 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: help install run test lint fmt clean
+.PHONY: help install run test lint fmt clean infra-check infra-fmt infra-lock
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -44,8 +46,25 @@ fmt: install ## Format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint ## Lint, then the whole test suite (starts its own emulator, API and workers)
+test: lint infra-check ## Lint, check infra/, then the whole test suite (starts its own emulator, API and workers)
 	$(BIN)/pytest
+
+# checkov and terraform live in their own venv, from a hashed lock, never in uv.lock.
+$(INFRA_TOOLS)/.installed: $(UV) $(INFRA_LOCK)
+	rm -rf $(INFRA_TOOLS)
+	$(UV) venv --quiet --python $(PYTHON) $(INFRA_TOOLS)
+	$(UV) pip sync --quiet --require-hashes --python $(INFRA_TOOLS)/bin/python $(INFRA_LOCK)
+	@touch $@
+
+infra-check: $(INFRA_TOOLS)/.installed ## terraform fmt -check, checkov on infra/terraform and the Dockerfiles (offline)
+	$(INFRA_TOOLS)/bin/python infra/check.py
+
+infra-fmt: $(INFRA_TOOLS)/.installed ## Format infra/terraform
+	$(INFRA_TOOLS)/bin/terraform fmt -recursive infra/terraform
+
+infra-lock: $(UV) ## Re-pin the infra tools (infra/requirements-check.in -> .txt, with hashes)
+	$(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make infra-lock" infra/requirements-check.in -o $(INFRA_LOCK)
 
 clean: ## Remove the virtualenvs and caches
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,7 @@ from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_ou
 from buildq.workflows.registry import WorkflowRegistry
 from buildq_worker import metrics
 from buildq_worker.presence import Presence
+from buildq_worker.protection import TaskProtection
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
 from buildq_worker.sweeper import Sweeper
 
@@ -92,6 +93,7 @@ class Worker:
             interval=settings.presence_interval,
             running=self._running_projects,
         )
+        self.protection = TaskProtection.from_env()
         self._runs: dict[str, ActiveRun] = {}  # by SQS message id
         self._stopping = asyncio.Event()
         self._release_now = asyncio.Event()
@@ -476,6 +478,8 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         runs = list(self._runs.values())
+        # Busy tasks are protected from ECS scale-in; idle ones are fair game.
+        await self.protection.set(bool(runs))
         if not runs:
             return
         too_old = time.monotonic() - self.settings.max_message_hold
