@@ -69,3 +69,19 @@ infra-lock: $(UV) ## Re-pin the infra tools (infra/requirements-check.in -> .txt
 clean: ## Remove the virtualenvs and caches
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Benchmarks (issue 7), never part of `make test`. The driver, the plots and the Celery peer
+# run from .tools/bench (hashed bench/requirements.txt, never uv.lock); the benchmarked
+# emulator, API and workers run from .venv. Logs and --quick reports: .tools/bench-runs/.
+BENCH_TOOLS := $(TOOLS)/bench
+BENCH_LOCK := bench/requirements.txt
+
+$(BENCH_TOOLS)/.installed: $(UV) $(BENCH_LOCK)
+	rm -rf $(BENCH_TOOLS)
+	$(UV) venv --quiet --python $(PYTHON) $(BENCH_TOOLS)
+	$(UV) pip sync --quiet --require-hashes --python $(BENCH_TOOLS)/bin/python $(BENCH_LOCK)
+	@touch $@
+
+.PHONY: bench
+bench: install $(BENCH_TOOLS)/.installed ## Speed vs floors and Celery -> docs/benchmarks.md (ARGS=--quick: smoke test)
+	$(BENCH_TOOLS)/bin/python -m bench.run $(ARGS)
