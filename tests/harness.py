@@ -296,6 +296,22 @@ class Stack:
             {**record, "_proc": proc.name} for proc in self.procs for record in proc.events(event)
         ]
 
+    def logged(
+        self, event: str, project_id: str, *, count: int = 1, timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """A project's ``event`` lines, once at least ``count`` are written.
+
+        A worker logs an event just after the write a test sees over HTTP, so a test
+        that saw the write waits here for the line instead of racing it.
+        """
+
+        def found() -> list[dict[str, Any]] | None:
+            lines = [e for e in self.events(event) if e.get("project_id") == project_id]
+            return lines if len(lines) >= count else None
+
+        lines = wait_until(found, timeout=timeout, what=f"{count} x {event} of {project_id}")
+        return sorted(lines, key=lambda e: str(e["timestamp"]))
+
     def table_items(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.client("dynamodb").scan(TableName=self.table_name)[
             "Items"
