@@ -178,7 +178,8 @@ def plot_latency_cdf(
     path: Path, title: str, series: Mapping[str, Sequence[float]], *, xlabel: str = "latency (ms)"
 ) -> None:
     """Cumulative distribution of latencies, one line per series, log x axis. Series
-    ending in the same ", N clients" share a colour; a floor is dashed, a busy run dotted."""
+    ending in the same ", N clients" share a colour; a floor is dashed (dash-dot on a
+    backlog), a busy run dotted."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))  # type: ignore[attr-defined]
     groups: dict[str, str] = {}
@@ -190,7 +191,12 @@ def plot_latency_cdf(
         n = len(ordered)
         group = label.rpartition(", ")[2] if ", " in label else label
         color = groups.setdefault(group, palette[len(groups) % len(palette)])
-        style = "--" if "floor" in label else (":" if "busy" in label else "-")
+        if "backlog" in label:
+            style = "-."
+        elif "floor" in label:
+            style = "--"
+        else:
+            style = ":" if "busy" in label else "-"
         ax.plot(
             ordered,
             [(i + 1) / n for i in range(n)],

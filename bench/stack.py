@@ -257,11 +257,11 @@ class Sampler:
 
 
 class Emulator:
-    def __init__(self, log_dir: Path, sampler: Sampler) -> None:
+    def __init__(self, log_dir: Path, sampler: Sampler, name: str = "emulator") -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = start_process(
-            "emulator",
+            name,
             [str(VENV_BIN / "buildq"), "emulator", "--port", str(self.port)],
             # moto refuses a second PurgeQueue within 60 s, as SQS does; the benchmark
             # empties its queue between measurements, so it lifts that limit.
