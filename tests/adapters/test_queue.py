@@ -52,6 +52,20 @@ def test_send_receive_extend_and_delete(stack: Stack) -> None:
     assert stack.queue_depth() == {"visible": 0, "in_flight": 0, "delayed": 0}
 
 
+def test_delete_batch_deletes_past_ten_and_names_the_handles_it_could_not(stack: Stack) -> None:
+    async def scenario(queue: SqsBuildQueue) -> list[str]:
+        for i in range(12):
+            await queue.send(build_message("t1", f"p{i}", BuildReason.CREATE))
+        handles: list[str] = []
+        while len(handles) < 12:
+            got = await queue.receive(10, wait_seconds=1, visibility_timeout=30)
+            handles += [m.receipt_handle for m in got]
+        return await queue.delete_batch([*handles, "not-a-receipt-handle"])
+
+    assert run(scenario, stack) == ["not-a-receipt-handle"]
+    assert stack.queue_depth() == {"visible": 0, "in_flight": 0, "delayed": 0}
+
+
 def test_receive_never_asks_for_more_than_it_was_told(stack: Stack) -> None:
     async def scenario(queue: SqsBuildQueue) -> list[int]:
         for i in range(6):

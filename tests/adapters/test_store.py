@@ -157,6 +157,25 @@ def test_finish_clears_the_lease_and_later_claims_see_a_terminal_project(stack: 
     assert "sweep_at" not in raw
 
 
+def test_stage_writes_and_lease_extensions_learn_of_a_cancel(stack: Stack) -> None:
+    async def first_write_after_a_cancel(store: DynamoProjectStore, heartbeat: bool) -> list[bool]:
+        project = a_project()
+        await store.create(project)
+        got = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
+        token = RunToken("t1", project.project_id, "w1", got.attempt)
+        running = stage_started(got.stages[0], attempt=1, worker_id="w1", now=now_iso())
+        seen = [await store.save_stages(token, running), await store.extend_lease(token, 30)]
+        await store.request_cancel("t1", project.project_id)
+        if heartbeat:
+            return [*seen, await store.extend_lease(token, 30)]
+        return [*seen, await store.save_stages(token, running)]
+
+    async def scenario(store: DynamoProjectStore) -> list[list[bool]]:
+        return [await first_write_after_a_cancel(store, heartbeat) for heartbeat in (False, True)]
+
+    assert run(scenario, stack) == [[False, False, True], [False, False, True]]
+
+
 def test_requeue_returns_the_project_for_the_next_attempt(stack: Stack) -> None:
     project = a_project()
     error = ErrorInfo(type="Boom", message="transient")

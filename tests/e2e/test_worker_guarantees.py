@@ -15,13 +15,15 @@ import httpx
 import pytest
 
 from buildq.messages import BuildReason, build_message
-from tests.harness import Proc, Stack, create_demo, wait_until
+from tests.e2e.test_metrics import metrics_url, scrape, total
+from tests.harness import Proc, Stack, create_demo, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
 STAGES = ["plan", "generate", "build", "package"]
 # Short timeouts so that a dead worker's work comes back within seconds.
 FAST = {"visibility_timeout": 3, "lease_seconds": 2}
+EMPTY = {"visible": 0, "in_flight": 0, "delayed": 0}
 
 
 def project_of(http: httpx.Client, project_id: str) -> dict[str, Any]:
@@ -267,3 +269,36 @@ def test_chaos_kill_a_random_worker_every_second(stack: Stack) -> None:
         what="the queue to drain",
     )
     assert stack.dlq_messages() == []
+
+
+def test_finished_messages_are_deleted_in_batches_and_flushed_at_shutdown(stack: Stack) -> None:
+    # A finished run frees its slot at once and leaves its delete to a batcher; a
+    # stopping worker sends what is still pending. Visibility 60 s: a message left
+    # undeleted would still be in flight when the test looks.
+    stack.start_api()
+    with stack.http() as http:
+        for i in range(10):
+            create_demo(http, f"p{i}", stage_seconds=0)
+    port = free_port()
+    worker = stack.start_worker(metrics_port=port, visibility_timeout=60)
+    url = metrics_url(port)
+    deleted = "buildq_worker_messages_deleted_total"
+    wait_until(lambda: total(scrape(url), deleted) == 10, timeout=30, what="10 deletes")
+    aws = "buildq_aws_call_duration_seconds_count"
+    wait_until(lambda: stack.queue_depth() == EMPTY, timeout=5, what="the deletes to be sent")
+    samples = scrape(url)
+    assert total(samples, aws, operation="DeleteMessage") == 0
+    batches = total(samples, aws, operation="DeleteMessageBatch", outcome="ok")
+    assert 1 <= batches < 10, batches  # five slots finish together: they share calls
+    with stack.http() as http:
+        last = create_demo(http, "last", stage_seconds=0.5)
+    wait_until(
+        lambda: any(e["stage"] == "package" for e in stack.logged("stage.started", last)),
+        timeout=15,
+        what="the last stage",
+    )
+    # The drain lets the run finish; the worker exits right after its delete is queued.
+    worker.signal(signal.SIGTERM)
+    assert worker.popen.wait(timeout=20) == 0
+    assert stack.logged("project.succeeded", last)
+    assert stack.queue_depth() == EMPTY

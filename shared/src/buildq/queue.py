@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from buildq.aws import RetryPolicy
 from buildq.clock import now_iso
@@ -66,6 +66,9 @@ class BuildQueue(Protocol):
     async def change_visibility(self, receipt_handle: str, seconds: int) -> None: ...
     async def change_visibility_batch(
         self, receipt_handles: Sequence[str], seconds: int, *, dlq: bool = False
+    ) -> list[str]: ...
+    async def delete_batch(
+        self, receipt_handles: Sequence[str], *, dlq: bool = False
     ) -> list[str]: ...
     async def dead_letter(self, body: str, reason: DeadLetter) -> str: ...
     async def depth(self) -> QueueDepth: ...
@@ -177,16 +180,39 @@ class SqsBuildQueue:
         self, receipt_handles: Sequence[str], seconds: int, *, dlq: bool = False
     ) -> list[str]:
         """Change many visibilities in batches of ten; returns the handles that failed."""
+        return await self._in_batches(
+            "ChangeMessageVisibilityBatch",
+            self._client.change_message_visibility_batch,
+            receipt_handles,
+            dlq=dlq,
+            VisibilityTimeout=seconds,
+        )
+
+    async def delete_batch(self, receipt_handles: Sequence[str], *, dlq: bool = False) -> list[str]:
+        """Delete many messages in batches of ten; returns the handles that failed."""
+        return await self._in_batches(
+            "DeleteMessageBatch", self._client.delete_message_batch, receipt_handles, dlq=dlq
+        )
+
+    async def _in_batches(
+        self,
+        what: str,
+        call: Callable[..., Awaitable[Any]],
+        receipt_handles: Sequence[str],
+        *,
+        dlq: bool,
+        **per_entry: Any,
+    ) -> list[str]:
         url = await self._url(dlq)
         failed: list[str] = []
         for start in range(0, len(receipt_handles), SQS_BATCH):
             chunk = receipt_handles[start : start + SQS_BATCH]
             response = await self._retry.call(
-                "ChangeMessageVisibilityBatch",
-                self._client.change_message_visibility_batch,
+                what,
+                call,
                 QueueUrl=url,
                 Entries=[
-                    {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": seconds}
+                    {"Id": str(i), "ReceiptHandle": handle, **per_entry}
                     for i, handle in enumerate(chunk)
                 ],
             )

@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from buildq.aws import RetryPolicy
 from buildq.clock import epoch_ms, iso, utcnow
@@ -721,7 +721,7 @@ class DynamoProjectStore:
         )
         key = project_key(candidate.tenant_id, candidate.project_id)
         try:
-            await self._update(key, update, condition, what="sweep", return_new=False)
+            await self._update(key, update, condition, what="sweep", returns="NONE")
         except ConflictError:
             return False
         return True
@@ -736,9 +736,17 @@ class DynamoProjectStore:
     ) -> bool:
         """An UpdateItem that lands only while ``token`` still holds the project.
 
-        With ``want_cancel`` the new item comes back and the result says whether a
-        cancel was requested: workers learn of cancels from writes they make anyway.
+        With ``want_cancel`` the result says whether a cancel was requested: workers
+        learn of cancels from writes they make anyway. These are most of a run's
+        writes, so they ask for the attributes they changed (UPDATED_NEW), not the
+        whole item; ``cancel_seen`` copies ``cancel_requested`` so that a new cancel
+        changes it and comes back. (An attribute written with its old value may not
+        come back: moto leaves it out, so the copy must change to be seen. A cancel
+        seen once stays seen by the run; its claim reads the flag itself.)
         """
+        if want_cancel:
+            seen, flag = update.name("cancel_seen"), update.name("cancel_requested")
+            update.sets.append(f"{seen} = if_not_exists({flag}, {update.value(False)})")
         owner, attempt = update.name("lease_owner"), update.name("attempt")
         condition = (
             f"{owner} = {update.value(token.worker_id)}"
@@ -746,13 +754,15 @@ class DynamoProjectStore:
         )
         key = project_key(token.tenant_id, token.project_id)
         try:
-            item = await self._update(key, update, condition, what=what, return_new=want_cancel)
+            item = await self._update(
+                key, update, condition, what=what, returns="UPDATED_NEW" if want_cancel else "NONE"
+            )
         except ConflictError:
             raise LeaseLostError(
                 f"{what}: project {token.project_id} is no longer held by "
                 f"{token.worker_id} at attempt {token.attempt}"
             ) from None
-        return bool(item.get("cancel_requested", {}).get("BOOL", False))
+        return bool(item.get("cancel_seen", {}).get("BOOL", False))
 
     async def _update_from(
         self, tenant_id: str, project_id: str, update: _Update, *, expect: ProjectStatus
@@ -769,10 +779,11 @@ class DynamoProjectStore:
         condition: str,
         *,
         what: str,
-        return_new: bool = True,
+        returns: Literal["ALL_NEW", "UPDATED_NEW", "NONE"] = "ALL_NEW",
     ) -> dict[str, Any]:
-        """The one conditional UpdateItem: returns the new item (or {}), or raises
-        ``ConflictError`` carrying the item as it was."""
+        """The one conditional UpdateItem: returns what ``returns`` asks for (the new
+        item, the attributes it set, or {}), or raises ``ConflictError`` carrying the
+        item as it was."""
         response = await self._retry.call(
             f"UpdateItem({what})",
             self._client.update_item,
@@ -782,7 +793,7 @@ class DynamoProjectStore:
             ConditionExpression=condition,
             ExpressionAttributeNames=update.names,
             ExpressionAttributeValues=update.values,
-            ReturnValues="ALL_NEW" if return_new else "NONE",
+            ReturnValues=returns,
             ReturnValuesOnConditionCheckFailure="ALL_OLD",
         )
         return dict(response.get("Attributes", {}))

@@ -33,6 +33,7 @@ from buildq.store import ClaimRefusedError, ProjectStore, RunToken
 from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_outcome
 from buildq.workflows.registry import WorkflowRegistry
 from buildq_worker import metrics
+from buildq_worker.deleter import Deleter
 from buildq_worker.presence import Presence
 from buildq_worker.protection import TaskProtection
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
@@ -94,6 +95,7 @@ class Worker:
             running=self._running_projects,
         )
         self.protection = TaskProtection.from_env()
+        self.deleter = Deleter(queue)
         self._runs: dict[str, ActiveRun] = {}  # by SQS message id
         self._stopping = asyncio.Event()
         self._release_now = asyncio.Event()
@@ -153,6 +155,7 @@ class Worker:
             asyncio.create_task(self._every(self._heartbeat_interval(), self._heartbeat)),
             asyncio.create_task(self._every(self.settings.sweep_interval, self.sweeper.tick)),
             asyncio.create_task(self._watch_loop_lag()),
+            asyncio.create_task(self.deleter.run()),
         ]
         try:
             await self._receive_loop()
@@ -160,6 +163,7 @@ class Worker:
             if self._hand_back is not None:
                 await self._hand_back
         finally:
+            await self.deleter.flush()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -381,7 +385,7 @@ class Worker:
         # Terminal, leased by a live worker, or FAILED awaiting a replay: this message
         # is a duplicate or stale, and the record already says what happens next.
         log.info("message.dropped", refusal=exc.refusal.value)
-        await self._delete(run)
+        self._delete(run)
 
     async def _settle(self, run: ActiveRun, result: RunResult) -> None:
         """Write the run's final state, then act on the message."""
@@ -394,7 +398,7 @@ class Worker:
                 else ProjectStatus.CANCELLED
             )
             await self.store.finish(token, status, stages=result.stages)
-            await self._delete(run)
+            self._delete(run)
             log.info(f"project.{status.value.lower()}")
             return
         assert result.error is not None
@@ -443,7 +447,7 @@ class Worker:
             run.message.body,
             DeadLetter(error=error, attempts=attempts, worker_id=self.settings.worker_id),
         )
-        await self._delete(run)
+        self._delete(run)
         metrics.MESSAGES_DEAD_LETTERED.labels(reason=reason).inc()
         log.warning("message.dead_lettered", error_type=error.type, error=error.message)
 
@@ -455,13 +459,13 @@ class Worker:
         assert token is not None
         await self.store.release(token, stages=result.stages)
         await self.queue.send(build_message(token.tenant_id, token.project_id, BuildReason.RELEASE))
-        await self._delete(run)
+        self._delete(run)
         metrics.MESSAGES_RELEASED.inc()
         log.info("project.released")
 
-    async def _delete(self, run: ActiveRun) -> None:
+    def _delete(self, run: ActiveRun) -> None:
         if not run.message_deleted:
-            await self.queue.delete(run.message.receipt_handle)
+            self.deleter.delete(run.message.receipt_handle)
             run.message_deleted = True
             metrics.MESSAGES_DELETED.inc()
 
@@ -488,7 +492,7 @@ class Worker:
             if run.token is not None and run.received_at < too_old:
                 # SQS caps a message's total visibility at 12 h: let it go and carry
                 # on under the lease alone (the sweeper covers a crash from here on).
-                await self._delete(run)
+                self._delete(run)
                 log.info("message.released_to_lease", project_id=run.token.project_id)
         handles = [run.message.receipt_handle for run in held if not run.message_deleted]
         if handles:

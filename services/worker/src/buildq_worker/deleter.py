@@ -1,0 +1,72 @@
+"""Deletes finished messages in the background, up to ten per DeleteMessageBatch.
+
+A run frees its slot as soon as its final write lands, without waiting for its
+delete: the record already says the project is done, so the message is only a
+duplicate from then on. A delete that never happens (a crash, an outage) costs one
+redelivery, which the claim refuses and drops (invariant: the record is the truth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from buildq.errors import UnavailableError
+from buildq.queue import SQS_BATCH, BuildQueue
+
+log = structlog.get_logger()
+
+# How long a delete waits for others to share its call. Short: it is off every
+# run's critical path, and SQS counts the message in flight until it is gone.
+LINGER_SECONDS = 0.05
+RETRY_SECONDS = 1.0
+FLUSH_SECONDS = 10.0  # at shutdown: what is still unsent after this is redelivered later
+
+
+class Deleter:
+    def __init__(self, queue: BuildQueue, *, linger: float = LINGER_SECONDS) -> None:
+        self._queue = queue
+        self._linger = linger
+        self._pending: list[str] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def delete(self, receipt_handle: str) -> None:
+        """Queue one message for deletion; returns at once."""
+        self._pending.append(receipt_handle)
+        self._idle.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send the queued deletes until cancelled."""
+        while True:
+            await self._wake.wait()
+            if len(self._pending) < SQS_BATCH:
+                await asyncio.sleep(self._linger)
+            await self._send(self._pending[:SQS_BATCH])
+
+    async def _send(self, batch: list[str]) -> None:
+        try:
+            failed = await self._queue.delete_batch(batch)
+        except UnavailableError as exc:
+            log.warning("message.delete_failed", count=len(batch), error=str(exc))
+            await asyncio.sleep(RETRY_SECONDS)  # the batch stays pending
+            return
+        del self._pending[: len(batch)]
+        if failed:
+            # Expired handles (held past the visibility timeout): those messages come
+            # back, and their claim is refused and dropped.
+            log.warning("message.delete_failed", count=len(failed))
+        if not self._pending:
+            self._wake.clear()
+            self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait (at most ``FLUSH_SECONDS``) until every queued delete has been sent."""
+        try:
+            async with asyncio.timeout(FLUSH_SECONDS):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("message.deletes_unsent", count=len(self._pending))
