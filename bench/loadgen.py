@@ -235,9 +235,10 @@ def _ulid() -> str:
 async def floor_worker_mode(args: argparse.Namespace) -> Any:
     """Exactly the AWS calls one buildq project needs, with no buildq around them.
 
-    Per message: ReceiveMessage (one per message), the claim (UpdateItem, ALL_NEW), one
-    UpdateItem per stage start (carrying the previous stage's end, ALL_NEW), the final
-    UpdateItem, DeleteMessage; ``concurrency`` such loops at once.
+    Per message: ReceiveMessage (one per message), the claim (UpdateItem, ALL_NEW: the
+    run needs the project), one UpdateItem per stage start (carrying the previous stage's
+    end, nothing returned), the final UpdateItem, DeleteMessage; ``concurrency`` such
+    loops at once.
     """
     worker = f"floor-{os.getpid()}"
     done = 0
@@ -316,7 +317,7 @@ async def floor_worker_mode(args: argparse.Namespace) -> Any:
                     }
                     names["#prev"] = previous
                     expression += ", #st.#prev = :done"
-                await update(key, expression, "#o = :w", names, values, new=True)
+                await update(key, expression, "#o = :w", names, values, new=False)
                 previous = stage
             await update(
                 key,

@@ -84,7 +84,6 @@ def _update(key: dict[str, Any], expression: str, names: dict[str, str], values:
         UpdateExpression=expression,
         ExpressionAttributeNames=names,
         ExpressionAttributeValues=values,
-        ReturnValues="ALL_NEW",
     )
 
 

@@ -625,7 +625,7 @@ class Bench:
         breakdown = (
             f"{per_slot - STAGES * config.slot_stage * 1000:.0f} ms above the stages: "
             f"claim → first stage {claim:.0f}, stage-start writes {writes:.0f}, "
-            f"the rest {rest:.0f} (final write, delete, next receive)"
+            f"the rest {rest:.0f} (final write, the next receive and claim)"
         )
         rate = config.slot_projects / (last - first)
         what = f"project of 4 x {config.slot_stage:g} s (slots)"
