@@ -17,7 +17,13 @@ from buildq.errors import LeaseLostError
 from buildq.models import ErrorInfo, Project, ProjectStatus, StageStatus
 from buildq.settings import Settings
 from buildq.store import ClaimRefusedError, DynamoProjectStore, RunToken
-from buildq.transitions import ClaimRefusal, claimed, new_project, stage_started
+from buildq.transitions import (
+    ClaimRefusal,
+    claimed,
+    new_project,
+    stage_finished,
+    stage_started,
+)
 from tests.harness import Stack
 
 T = TypeVar("T")
@@ -296,3 +302,81 @@ def test_concurrent_claims_have_exactly_one_winner(stack: Stack) -> None:
         return winners
 
     assert run(scenario, stack) == [1] * 10
+
+
+def test_a_claim_can_start_the_first_stage_in_the_same_write(stack: Stack) -> None:
+    project = a_project()
+    first, second = project.stages[0].name, project.stages[1].name
+
+    async def scenario(store: DynamoProjectStore) -> tuple[Project, Project, Project]:
+        await store.create(project)
+        got = await store.claim(
+            "t1", project.project_id, worker_id="w1", lease_seconds=30, start=first
+        )
+        token = RunToken("t1", project.project_id, "w1", got.attempt)
+        done = stage_finished(got.stages[0], now=now_iso(), output={"ok": True})
+        failed = stage_finished(
+            stage_started(got.stages[1], attempt=1, worker_id="w1", now=now_iso()),
+            now=now_iso(),
+            error=ErrorInfo(type="Boom", message="transient"),
+        )
+        await store.save_stages(token, done, failed)
+        await store.requeue(token, error=failed.error)
+        # The retry's message still names the first stage: already done, so the claim
+        # tries again with the first stage still to run.
+        again = await store.claim(
+            "t1", project.project_id, worker_id="w2", lease_seconds=30, start=first
+        )
+        await store.requeue(RunToken("t1", project.project_id, "w2", again.attempt), error=None)
+        # A hint naming no stage of this workflow is only a wrong guess, too.
+        third = await store.claim(
+            "t1", project.project_id, worker_id="w3", lease_seconds=30, start="no-such-stage"
+        )
+        return got, again, third
+
+    got, again, third = run(scenario, stack)
+    assert got.status is ProjectStatus.BUILDING
+    assert got.attempt == 1
+    running = got.stages[0]
+    assert (running.name, running.status, running.attempt, running.worker_id) == (
+        first,
+        StageStatus.RUNNING,
+        1,
+        "w1",
+    )
+    assert running.started_at is not None
+    assert all(stage.status is StageStatus.PENDING for stage in got.stages[1:])
+    assert again.attempt == 2
+    assert again.stages[0].status is StageStatus.SUCCEEDED
+    assert again.stages[0].attempt == 1  # untouched
+    retried = again.stages[1]
+    assert (retried.name, retried.status, retried.attempt, retried.worker_id) == (
+        second,
+        StageStatus.RUNNING,
+        2,
+        "w2",
+    )
+    assert retried.error is None
+    assert retried.finished_at is None
+    assert third.attempt == 3
+    assert third.stages[1].status is StageStatus.RUNNING
+    assert third.stages[1].worker_id == "w3"
+
+
+def test_a_claim_with_a_start_stage_is_still_refused_when_leased(stack: Stack) -> None:
+    project = a_project()
+    first = project.stages[0].name
+
+    async def scenario(store: DynamoProjectStore) -> ClaimRefusedError:
+        await store.create(project)
+        await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30, start=first)
+        with pytest.raises(ClaimRefusedError) as refused:
+            await store.claim(
+                "t1", project.project_id, worker_id="w2", lease_seconds=30, start=first
+            )
+        return refused.value
+
+    refused = run(scenario, stack)
+    assert refused.refusal is ClaimRefusal.LEASED
+    assert refused.current is not None
+    assert refused.current.stages[0].worker_id == "w1"

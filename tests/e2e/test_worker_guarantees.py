@@ -226,7 +226,7 @@ def test_chaos_kill_a_random_worker_every_second(stack: Stack) -> None:
     deaths: dict[str, float] = {}
     rng = random.Random(7)
     with stack.http() as http, ThreadPoolExecutor(16) as pool:
-        ids = list(pool.map(lambda i: create_demo(http, f"c{i}", stage_seconds=0.25), range(200)))
+        ids = list(pool.map(lambda i: create_demo(http, f"c{i}", stage_seconds=0.5), range(200)))
         workers: list[Proc] = [stack.start_worker(**settings) for _ in range(3)]
         deadline = time.monotonic() + 100
         kills = 0

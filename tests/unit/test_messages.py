@@ -67,6 +67,7 @@ def test_encoded_json_has_exactly_the_contract_keys() -> None:
         "reason",
         "enqueued_at",
         "traceparent",
+        "next_stage",
     }
     assert body["schema"] == 1
     assert isinstance(body["schema"], int)
@@ -74,6 +75,11 @@ def test_encoded_json_has_exactly_the_contract_keys() -> None:
     assert body["project_id"] == "p"
     assert body["reason"] == "retry"
     assert body["traceparent"] == TRACEPARENT
+
+
+def test_next_stage_is_carried_as_a_hint() -> None:
+    hinted = decode(build_message("t", "p", BuildReason.CREATE, next_stage="plan").encode())
+    assert hinted.next_stage == "plan"
 
 
 def test_encoded_json_keeps_a_null_traceparent() -> None:
@@ -105,6 +111,7 @@ def test_decode_fills_optional_fields() -> None:
     del body["enqueued_at"], body["traceparent"]
     decoded = decode(json.dumps(body))
     assert decoded.traceparent is None
+    assert decoded.next_stage is None
     assert ISO_MS.match(decoded.enqueued_at)
 
 
@@ -120,6 +127,7 @@ def test_decode_ignores_unknown_fields() -> None:
         "reason",
         "enqueued_at",
         "traceparent",
+        "next_stage",
     }
 
 

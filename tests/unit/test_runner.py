@@ -13,7 +13,7 @@ import pytest
 from buildq.errors import LeaseLostError
 from buildq.models import ErrorInfo, Project, StageSnapshot, StageStatus
 from buildq.store import RunToken
-from buildq.transitions import claimed, new_project
+from buildq.transitions import claimed, new_project, stage_started
 from buildq.workflows.base import (
     CancelledByRequestError,
     JsonObject,
@@ -629,3 +629,59 @@ def test_cancelling_the_task_interrupts_with_a_checkpoint() -> None:
         ("plan", SUCCEEDED),
         ("generate", StageStatus.PENDING),
     ]
+
+
+# -- a first stage the claim already started ------------------------------------------
+
+
+def started_by_its_claim(project: Project, name: str = "plan") -> Project:
+    """The project as ``claim(start=name)`` returns it: that stage RUNNING already."""
+    stages = tuple(
+        stage_started(stage, attempt=project.attempt, worker_id=WORKER, now="2024-05-01T12:00:01Z")
+        if stage.name == name
+        else stage
+        for stage in project.stages
+    )
+    return project.model_copy(update={"stages": stages})
+
+
+def test_a_stage_the_claim_started_runs_without_a_write_of_its_own() -> None:
+    recorder = Recorder()
+    result, store = run(simple_workflow(recorder), started_by_its_claim(claimed_project()))
+    assert recorder.ran == list(NAMES)
+    assert result.status is RunStatus.SUCCEEDED
+    # Three writes instead of four: each carries a finish and the next start.
+    assert store.saved == [
+        [("plan", SUCCEEDED), ("generate", RUNNING)],
+        [("generate", SUCCEEDED), ("build", RUNNING)],
+        [("build", SUCCEEDED), ("package", RUNNING)],
+    ]
+    assert [(s.name, s.status) for s in result.stages] == [("package", SUCCEEDED)]
+
+
+def test_a_stage_left_running_by_an_earlier_attempt_is_started_again() -> None:
+    project = claimed_project()
+    crashed = stage_started(
+        project.stages[0], attempt=project.attempt - 1, worker_id="worker-0", now="2024-05-01T11Z"
+    )
+    project = project.model_copy(update={"stages": (crashed, *project.stages[1:])})
+    _, store = run(simple_workflow(Recorder()), project)
+    assert store.saved[0] == [("plan", RUNNING)]
+    assert store.saves[0][1][0].attempt == project.attempt
+
+
+def test_a_cancel_before_the_first_step_puts_the_claimed_stage_back() -> None:
+    recorder = Recorder()
+    result, store = run(
+        simple_workflow(recorder), started_by_its_claim(claimed_project()), cancel_before=True
+    )
+    assert recorder.ran == []
+    assert store.saves == []
+    assert result.status is RunStatus.CANCELLED
+    [plan] = result.stages
+    assert (plan.name, plan.status, plan.started_at, plan.worker_id) == (
+        "plan",
+        StageStatus.PENDING,
+        None,
+        None,
+    )

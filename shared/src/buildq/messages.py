@@ -26,7 +26,8 @@ class BuildReason(StrEnum):
 
 
 class BuildMessage(BaseModel):
-    """``{"schema": 1, "tenant_id", "project_id", "reason", "enqueued_at", "traceparent"}``"""
+    """``{"schema": 1, "tenant_id", "project_id", "reason", "enqueued_at", "traceparent",
+    "next_stage"}``"""
 
     # Unknown fields are ignored so a newer producer of the same schema version
     # can add optional fields without poisoning older consumers.
@@ -38,6 +39,9 @@ class BuildMessage(BaseModel):
     reason: BuildReason
     enqueued_at: str = Field(default_factory=now_iso)
     traceparent: str | None = None
+    # A hint, not the truth: the stage the project will likely run next, which the
+    # claim marks RUNNING in the same write. A stale hint costs the claim one retry.
+    next_stage: str | None = Field(default=None, max_length=128)
 
     @field_validator("schema_version")
     @classmethod
@@ -51,7 +55,12 @@ class BuildMessage(BaseModel):
 
 
 def build_message(
-    tenant_id: str, project_id: str, reason: BuildReason, traceparent: str | None = None
+    tenant_id: str,
+    project_id: str,
+    reason: BuildReason,
+    traceparent: str | None = None,
+    *,
+    next_stage: str | None = None,
 ) -> BuildMessage:
     return BuildMessage.model_validate(
         {
@@ -60,6 +69,7 @@ def build_message(
             "project_id": project_id,
             "reason": reason,
             "traceparent": traceparent,
+            "next_stage": next_stage,
         }
     )
 

@@ -34,9 +34,16 @@ from buildq.items import (
     tenant_pk,
     to_attr,
 )
-from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot, WorkerInfo
+from buildq.models import (
+    ErrorInfo,
+    Project,
+    ProjectStatus,
+    StageSnapshot,
+    StageStatus,
+    WorkerInfo,
+)
 from buildq.settings import Settings
-from buildq.transitions import ClaimRefusal, check_transition, claim_refusal
+from buildq.transitions import ClaimRefusal, check_transition, claim_refusal, pending_stages
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 WORKERS_PK = "WORKERS"  # one partition: a Query lists the fleet
@@ -110,7 +117,13 @@ class ProjectStore(Protocol):
     async def put_api_key(self, key_hash: str, tenant_id: str, *, label: str) -> None: ...
     async def delete_api_key(self, key_hash: str) -> bool: ...
     async def claim(
-        self, tenant_id: str, project_id: str, *, worker_id: str, lease_seconds: float
+        self,
+        tenant_id: str,
+        project_id: str,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        start: str | None = None,
     ) -> Project: ...
     async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool: ...
     async def extend_lease(self, token: RunToken, lease_seconds: float) -> bool: ...
@@ -177,6 +190,24 @@ class _Update:
             self.sets.append(f"{path} = {self.value(stage_to_plain(stage))}")
         return self
 
+    def start_stage(self, stage: str, *, worker_id: str, now: str) -> str:
+        """Mark ``stage`` RUNNING for the attempt this update increments (field by field:
+        its attempt is computed from the item's); returns the condition to AND in: the
+        stage exists and is not done."""
+        path = f"{self.name('stages')}.{self.name(stage)}"
+        state = f"{path}.{self.name('status')}"
+        attempt = self.name("attempt")
+        self.sets += [
+            f"{state} = {self.value(StageStatus.RUNNING.value)}",
+            f"{path}.{self.name('attempt')} = if_not_exists({attempt}, {self.value(0)})"
+            f" + {self.value(1)}",
+            f"{path}.{self.name('worker_id')} = {self.value(worker_id)}",
+            f"{path}.{self.name('started_at')} = {self.value(now)}",
+        ]
+        self.removes += [f"{path}.{self.name('finished_at')}", f"{path}.{self.name('error')}"]
+        allowed = (StageStatus.PENDING, StageStatus.RUNNING, StageStatus.FAILED)
+        return f" AND {state} IN ({', '.join(self.value(status.value) for status in allowed)})"
+
     def remove(self, *attributes: str) -> _Update:
         self.removes.extend(self.name(attribute) for attribute in attributes)
         return self
@@ -188,6 +219,14 @@ class _Update:
         if self.removes:
             parts.append("REMOVE " + ", ".join(self.removes))
         return " ".join(parts)
+
+
+class _WrongStageError(Exception):
+    """A claim refused only because its ``start`` stage was already done."""
+
+    def __init__(self, first: str | None) -> None:
+        super().__init__(first)
+        self.first = first
 
 
 class DynamoProjectStore:
@@ -552,9 +591,35 @@ class DynamoProjectStore:
     # -- a worker's run --------------------------------------------------------
 
     async def claim(
-        self, tenant_id: str, project_id: str, *, worker_id: str, lease_seconds: float
+        self,
+        tenant_id: str,
+        project_id: str,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        start: str | None = None,
     ) -> Project:
-        """Take the lease and the next attempt, or raise ``ClaimRefusedError`` saying why."""
+        """Take the lease and the next attempt, or raise ``ClaimRefusedError`` saying why.
+
+        ``start`` names the stage the run will likely begin with (the message's hint):
+        the same write marks it RUNNING for the new attempt, which saves the run its
+        first stage write. A wrong guess (that stage is already done) costs one more
+        try, with the right stage, read from the refused write's old item.
+        """
+        try:
+            return await self._claim(tenant_id, project_id, worker_id, lease_seconds, start)
+        except _WrongStageError as wrong:
+            # Claimable: only the guess was wrong. Once more, with the right stage.
+            return await self._claim(tenant_id, project_id, worker_id, lease_seconds, wrong.first)
+
+    async def _claim(
+        self,
+        tenant_id: str,
+        project_id: str,
+        worker_id: str,
+        lease_seconds: float,
+        start: str | None,
+    ) -> Project:
         now = utcnow()
         now_ms = epoch_ms(now)
         expires = now_ms + int(lease_seconds * 1000)
@@ -578,6 +643,8 @@ class DynamoProjectStore:
             f" OR ({status} = {update.value(ProjectStatus.BUILDING.value)}"
             f" AND {lease} < {update.value(now_ms)}))"
         )
+        if start is not None:
+            condition += update.start_stage(start, worker_id=worker_id, now=iso(now))
         try:
             item = await self._update(
                 project_key(tenant_id, project_id), update, condition, what="claim"
@@ -586,8 +653,10 @@ class DynamoProjectStore:
             if exc.item and exc.item.get("claim_token", {}).get("S") == token:
                 return project_from_item(exc.item)  # a retry: the first try had landed
             current = project_from_item(exc.item) if exc.item else None
-            refusal = claim_refusal(current, now_ms) or ClaimRefusal.LEASED
-            raise ClaimRefusedError(refusal, current) from None
+            refusal = claim_refusal(current, now_ms)
+            if refusal is None and start is not None and current is not None:
+                raise _WrongStageError(next(iter(pending_stages(current)), None)) from None
+            raise ClaimRefusedError(refusal or ClaimRefusal.LEASED, current) from None
         return project_from_item(item)
 
     async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:

@@ -133,6 +133,28 @@ def stage_started(stage: StageSnapshot, *, attempt: int, worker_id: str, now: st
     )
 
 
+def stage_unstarted(stage: StageSnapshot) -> StageSnapshot:
+    """A stage marked RUNNING that never ran (or was stopped): PENDING again."""
+    return stage.model_copy(
+        update={"status": StageStatus.PENDING, "started_at": None, "worker_id": None}
+    )
+
+
+def started_by_claim(project: Project) -> StageSnapshot | None:
+    """The stage the claim itself marked RUNNING for this attempt (see ``claim(start=)``):
+    the first one pending, RUNNING under the project's current attempt and owner."""
+    done = (StageStatus.SUCCEEDED, StageStatus.SKIPPED)
+    first = next((stage for stage in project.stages if stage.status not in done), None)
+    if (
+        first is not None
+        and first.status is StageStatus.RUNNING
+        and first.attempt == project.attempt
+        and first.worker_id == project.lease_owner
+    ):
+        return first
+    return None
+
+
 def stage_finished(
     stage: StageSnapshot,
     *,

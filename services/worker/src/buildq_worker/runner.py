@@ -17,9 +17,15 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from buildq.clock import now_iso
-from buildq.models import ErrorInfo, Project, StageSnapshot, StageStatus
+from buildq.models import ErrorInfo, Project, StageSnapshot
 from buildq.store import RunToken
-from buildq.transitions import pending_stages, stage_finished, stage_started
+from buildq.transitions import (
+    pending_stages,
+    stage_finished,
+    stage_started,
+    stage_unstarted,
+    started_by_claim,
+)
 from buildq.workflows.base import (
     CancelledByRequestError,
     JsonObject,
@@ -108,20 +114,22 @@ async def run_workflow(
     deadline = loop.time() + workflow_timeout
     snapshots = {stage.name: stage for stage in project.stages}
     finished: StageSnapshot | None = None  # written together with the next write
-    started: StageSnapshot | None = None
+    # The claim may have marked the first stage RUNNING already: no write for it.
+    started: StageSnapshot | None = started_by_claim(project)
     try:
         for name in pending_stages(project):
             if cancel_event.is_set():
-                return RunResult(RunStatus.CANCELLED, _present(finished))
+                return RunResult(RunStatus.CANCELLED, _present(finished, _unstarted(started)))
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return _timed_out(finished, None, workflow_timeout)
+                return _timed_out(finished, None, workflow_timeout)  # never the first stage
             stage = workflow.stage(name)
-            started = stage_started(
-                snapshots[name], attempt=token.attempt, worker_id=token.worker_id, now=now_iso()
-            )
-            if await store.save_stages(token, *_present(finished, started)):
-                cancel_event.set()
+            if started is None:
+                started = stage_started(
+                    snapshots[name], attempt=token.attempt, worker_id=token.worker_id, now=now_iso()
+                )
+                if await store.save_stages(token, *_present(finished, started)):
+                    cancel_event.set()
             result = await _run_stage(
                 project,
                 stage,
@@ -137,11 +145,12 @@ async def run_workflow(
                 return result
             finished, started = result, None
     except asyncio.CancelledError:
-        interrupted = started and started.model_copy(
-            update={"status": StageStatus.PENDING, "started_at": None, "worker_id": None}
-        )
-        return RunResult(RunStatus.INTERRUPTED, _present(finished, interrupted))
+        return RunResult(RunStatus.INTERRUPTED, _present(finished, _unstarted(started)))
     return RunResult(RunStatus.SUCCEEDED, _present(finished))
+
+
+def _unstarted(stage: StageSnapshot | None) -> StageSnapshot | None:
+    return stage and stage_unstarted(stage)
 
 
 def _present(*stages: StageSnapshot | None) -> list[StageSnapshot]:

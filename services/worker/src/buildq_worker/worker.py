@@ -30,7 +30,14 @@ from buildq.models import ErrorInfo, Project, ProjectStatus
 from buildq.queue import BuildQueue, DeadLetter, ReceivedMessage
 from buildq.settings import WorkerSettings
 from buildq.store import ClaimRefusedError, ProjectStore, RunToken
-from buildq.transitions import Backoff, ClaimRefusal, FailureOutcome, failure_outcome
+from buildq.transitions import (
+    Backoff,
+    ClaimRefusal,
+    FailureOutcome,
+    failure_outcome,
+    stage_unstarted,
+    started_by_claim,
+)
 from buildq.workflows.registry import WorkflowRegistry
 from buildq_worker import metrics
 from buildq_worker.deleter import Deleter
@@ -288,6 +295,7 @@ class Worker:
                 build.project_id,
                 worker_id=self.settings.worker_id,
                 lease_seconds=self.settings.lease_seconds,
+                start=build.next_stage,
             )
         except ClaimRefusedError as exc:
             await self._refused(run, build, exc)
@@ -318,6 +326,9 @@ class Worker:
 
     async def _run(self, run: ActiveRun, project: Project) -> RunResult:
         assert run.token is not None
+        # Ending before the workflow starts: the stage the claim marked RUNNING never ran.
+        first = started_by_claim(project)
+        unstarted = [stage_unstarted(first)] if first else []
         if project.attempts_used > self.settings.max_attempts:
             # Earlier attempts ended with no result at all: their workers died,
             # maybe because of this very project. Do not try again.
@@ -325,12 +336,12 @@ class Worker:
                 type="AttemptsExhausted",
                 message=f"{project.attempts_used - 1} attempts ended without a result",
             )
-            return RunResult(RunStatus.FAILED, [], error=error, permanent=True)
+            return RunResult(RunStatus.FAILED, unstarted, error=error, permanent=True)
         try:
             workflow = self.registry.get(project.workflow)
         except UnknownWorkflowError as exc:
             error = ErrorInfo(type="UnknownWorkflowError", message=str(exc))
-            return RunResult(RunStatus.FAILED, [], error=error, permanent=True)
+            return RunResult(RunStatus.FAILED, unstarted, error=error, permanent=True)
         if project.cancel_requested:
             run.cancel_event.set()
         run.workflow_task = asyncio.create_task(
@@ -353,8 +364,8 @@ class Worker:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # this handler itself is being cancelled
-            # Stopped before its first step: nothing ran, nothing to checkpoint.
-            return RunResult(RunStatus.INTERRUPTED, [])
+            # Stopped before its first step: nothing ran, nothing else to checkpoint.
+            return RunResult(RunStatus.INTERRUPTED, unstarted)
 
     async def _refused(self, run: ActiveRun, build: BuildMessage, exc: ClaimRefusedError) -> None:
         message = run.message

@@ -135,7 +135,10 @@ async def create_project(
         # Still waiting: the first request may have died before its send. A
         # duplicate message is harmless (the claim decides), a missing one is not.
     try:
-        await queue.send(build_message(tenant, project.project_id, BuildReason.CREATE))
+        first = project.stages[0].name if project.stages else None
+        await queue.send(
+            build_message(tenant, project.project_id, BuildReason.CREATE, next_stage=first)
+        )
     except UnavailableError as exc:
         # The record is the truth and is safely written: the sweeper enqueues
         # projects left QUEUED without a message, so the client still gets 202.
