@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
+import os
+import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
+from botocore.loaders import JSONFileLoader, create_loader
 
 from buildq.errors import ConflictError, ResourceMissingError, UnavailableError
 from buildq.metrics import AWS_CALL_SECONDS, aws_operation
@@ -36,27 +40,68 @@ T = TypeVar("T")
 class RetryPolicy:
     """The one retry loop for AWS calls: bounded attempts within a time budget,
     exponential backoff with full jitter, and only for "AWS is unavailable"
-    (throttling, 5xx, connection errors), never for a request AWS refused."""
+    (throttling, 5xx, connection errors), never for a request AWS refused.
+
+    With ``max_in_flight`` (from_settings: the clients' connection pool size), at most
+    that many calls per client are under way at once, the rest wait their turn here,
+    first come first served. The pool would make them wait anyway, but only after
+    botocore has built, signed and handed each one to aiohttp: under a burst (the API
+    at 256 concurrent creates) those waiting requests held about 3 MiB."""
 
     attempts: int = 3
     budget_seconds: float = 10.0
+    max_in_flight: int | None = None
+    _slots: dict[object, asyncio.Semaphore] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(attempts=settings.aws_max_attempts, budget_seconds=settings.aws_retry_seconds)
+        return cls(
+            attempts=settings.aws_max_attempts,
+            budget_seconds=settings.aws_retry_seconds,
+            max_in_flight=settings.aws_max_pool_connections,
+        )
 
     async def call(self, operation: str, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_transient),
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.budget_seconds),
-            wait=wait_random_exponential(multiplier=0.05, max=1.0),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            # timed() sees the translated error: it sits outside translate_errors().
-            with attempt, timed(operation), translate_errors(operation):
-                return await fn(**kwargs)
-        raise AssertionError("unreachable")  # pragma: no cover: reraise=True
+        # A plain loop rather than a retry library: every AWS call of every request
+        # goes through here, and a retrying object per call (tenacity's) is a web of
+        # reference cycles that only the cyclic GC frees; under load that garbage
+        # piles up in the oldest generation. This loop leaves none behind.
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                # timed() sees the translated error: it sits outside translate_errors().
+                # It includes the wait for a slot, as it included the wait for a
+                # pooled connection.
+                with timed(operation), translate_errors(operation):
+                    async with self._slot(fn):
+                        return await fn(**kwargs)
+            except UnavailableError as exc:
+                if (
+                    not _transient(exc)
+                    or attempt >= self.attempts
+                    or time.monotonic() - started >= self.budget_seconds
+                ):
+                    raise
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
+
+    def _slot(self, fn: Callable[..., Awaitable[Any]]) -> AbstractAsyncContextManager[Any]:
+        if self.max_in_flight is None:
+            return nullcontext()
+        client = getattr(fn, "__self__", None)  # fn: a method of an aiobotocore client
+        slots = self._slots.get(client)
+        if slots is None:
+            slots = self._slots[client] = asyncio.Semaphore(self.max_in_flight)
+        return slots
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): exponential from
+    50 ms, capped at 1 s, with full jitter."""
+    return random.uniform(0, min(0.05 * 2 ** (attempt - 1), 1.0))
 
 
 @contextmanager
@@ -109,10 +154,65 @@ def client_config(settings: Settings) -> AioConfig:
     )
 
 
+# The services whose entries botocore's endpoint resolver keeps (see aws_session), by
+# endpoint prefix (what the resolver is asked for): the two buildq calls, and those
+# botocore's credential and token providers make clients for (assume-role and web
+# identity: sts; SSO: sso as portal.sso, sso-oidc as oidc; console login: signin).
+ENDPOINT_PREFIXES = frozenset({"dynamodb", "sqs", "sts", "portal.sso", "oidc", "signin"})
+
+
+class _LeanEndpointsFileLoader(JSONFileLoader):
+    """botocore's JSON data file loader, except for ``endpoints.json``.
+
+    That file describes every service in every partition (1.2 MB of JSON, about
+    7 MiB once parsed into the OrderedDicts botocore uses), and the session keeps it
+    for its whole life, though a client consults it only while it is created. Here
+    each partition's ``services`` is cut down to ENDPOINT_PREFIXES as soon as it is
+    parsed (into plain dicts), so the whole file never exists as objects at once;
+    every partition's own data (regions, defaults, DNS suffix) stays, so endpoints
+    resolve exactly as before for those services.
+    """
+
+    def load_file(self, file_path: str) -> Any:
+        if os.path.basename(file_path) != "endpoints":
+            return super().load_file(file_path)
+        for extension, opener in ((".json", open), (".json.gz", gzip.open)):
+            if os.path.isfile(file_path + extension):
+                with opener(file_path + extension, "rb") as handle:
+                    data = json.loads(handle.read(), object_pairs_hook=_services_cut_early)
+                for partition in data.get("partitions", ()):
+                    partition["services"] = _our_services(partition.get("services", {}).items())
+                return data
+        return None
+
+
+def _our_services(services: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    return {name: entry for name, entry in services if name in ENDPOINT_PREFIXES}
+
+
+def _services_cut_early(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The JSON decoder's hook for every object of endpoints.json, innermost first: a
+    partition's ``services`` (the one kind of object keyed by ``dynamodb``) is cut down
+    before the next partition is parsed."""
+    if any(name == "dynamodb" for name, _ in pairs):
+        return _our_services(pairs)
+    return dict(pairs)
+
+
+def aws_session() -> AioSession:
+    """An aiobotocore session whose data loader keeps only the endpoint data buildq
+    can use (``AWS_DATA_PATH`` is honoured as botocore's own loader does)."""
+    session = get_session()
+    loader = create_loader(session.get_config_variable("data_path"))
+    loader.file_loader = _LeanEndpointsFileLoader()
+    session.register_component("data_loader", loader)
+    return session
+
+
 @asynccontextmanager
 async def aws_clients(settings: Settings) -> AsyncIterator[AwsClients]:
     """Open the DynamoDB and SQS clients; the endpoint comes from AWS_ENDPOINT_URL."""
-    session = get_session()
+    session = aws_session()
     config = client_config(settings)
     async with AsyncExitStack() as stack:
         dynamodb = await stack.enter_async_context(

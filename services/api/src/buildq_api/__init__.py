@@ -1,0 +1,4 @@
+"""buildq HTTP API."""
+
+# First, before anything here imports structlog or aiobotocore: see its docstring.
+import buildq.lean_imports  # noqa: F401

@@ -5,11 +5,13 @@ from __future__ import annotations
 import uvicorn
 
 from buildq.logging import configure_logging
+from buildq.memory import limit_malloc_arenas
 from buildq.settings import ApiSettings
 from buildq_api.app import create_app
 
 
 def main() -> None:
+    limit_malloc_arenas()
     settings = ApiSettings()
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="api")
     uvicorn.run(

@@ -10,6 +10,7 @@ import uvloop
 
 from buildq.aws import aws_clients
 from buildq.logging import configure_logging
+from buildq.memory import limit_malloc_arenas
 from buildq.queue import SqsBuildQueue
 from buildq.settings import WorkerSettings
 from buildq.store import DynamoProjectStore
@@ -35,6 +36,7 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 def main() -> None:
+    limit_malloc_arenas()
     settings = WorkerSettings()
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="worker")
     structlog.contextvars.bind_contextvars(worker_id=settings.worker_id)
