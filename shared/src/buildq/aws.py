@@ -6,7 +6,6 @@ import asyncio
 import gzip
 import json
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import (
@@ -23,6 +22,13 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from botocore.loaders import JSONFileLoader, create_loader
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from buildq.errors import ConflictError, ResourceMissingError, UnavailableError
 from buildq.metrics import AWS_CALL_SECONDS, aws_operation
@@ -64,29 +70,39 @@ class RetryPolicy:
         )
 
     async def call(self, operation: str, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
-        # A plain loop rather than a retry library: every AWS call of every request
-        # goes through here, and a retrying object per call (tenacity's) is a web of
-        # reference cycles that only the cyclic GC frees; under load that garbage
-        # piles up in the oldest generation. This loop leaves none behind.
         started = time.monotonic()
-        attempt = 1
-        while True:
-            try:
-                # timed() sees the translated error: it sits outside translate_errors().
-                # It includes the wait for a slot, as it included the wait for a
-                # pooled connection.
-                with timed(operation), translate_errors(operation):
-                    async with self._slot(fn):
-                        return await fn(**kwargs)
-            except UnavailableError as exc:
-                if (
-                    not _transient(exc)
-                    or attempt >= self.attempts
-                    or time.monotonic() - started >= self.budget_seconds
-                ):
-                    raise
-            await asyncio.sleep(backoff(attempt))
-            attempt += 1
+        try:
+            return await self._attempt(operation, fn, kwargs)
+        except UnavailableError as exc:
+            if not _transient(exc) or self.attempts <= 1:
+                raise
+            failed: UnavailableError | None = exc
+        # Only a failed first try builds a retrying object: one per call is a web of
+        # reference cycles that, under load, piles up in the oldest GC generation.
+        # tenacity counts that first try as its attempt 1 (re-raised, not re-run).
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(self.attempts)
+            | stop_after_delay(max(0.0, self.budget_seconds - (time.monotonic() - started))),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if failed is not None:
+                    error, failed = failed, None
+                    raise error
+                return await self._attempt(operation, fn, kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover: reraise=True
+
+    async def _attempt(
+        self, operation: str, fn: Callable[..., Awaitable[T]], kwargs: dict[str, Any]
+    ) -> T:
+        # timed() sees the translated error: it sits outside translate_errors(). It
+        # includes the wait for a slot, as it included the wait for a pooled connection.
+        with timed(operation), translate_errors(operation):
+            async with self._slot(fn):
+                return await fn(**kwargs)
 
     def _slot(self, fn: Callable[..., Awaitable[Any]]) -> AbstractAsyncContextManager[Any]:
         if self.max_in_flight is None:
@@ -96,12 +112,6 @@ class RetryPolicy:
         if slots is None:
             slots = self._slots[client] = asyncio.Semaphore(self.max_in_flight)
         return slots
-
-
-def backoff(attempt: int) -> float:
-    """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): exponential from
-    50 ms, capped at 1 s, with full jitter."""
-    return random.uniform(0, min(0.05 * 2 ** (attempt - 1), 1.0))
 
 
 @contextmanager

@@ -26,7 +26,13 @@ def configure_logging(
     ]
     renderer: structlog.typing.Processor
     if json_lines:
-        shared += [structlog.processors.dict_tracebacks]
+        # Tracebacks as data, without the frames' local variables: those can hold
+        # API keys and request bodies, and no log line may carry a key.
+        shared += [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer()
