@@ -434,6 +434,8 @@ def test_a_run_past_the_message_hold_cap_finishes_on_its_lease(stack: Stack) -> 
     with stack.http() as http:
         project_id = create_demo(http, stage_seconds=1)
         stack.logged("message.released_to_lease", project_id, timeout=10)
+        # Its delete is batched: gone a moment later, and from then on nothing is queued.
+        wait_until(lambda: stack.queue_depth() == EMPTY, timeout=5, what="the delete")
         samples: list[dict[str, int]] = []
 
         def finished() -> bool:
