@@ -53,7 +53,7 @@ def test_heartbeats_keep_a_long_workflow_from_being_redelivered(stack: Stack) ->
     assert {stage["attempt"] for stage in done["stages"]} == {1}
     assert len(claims(stack, project_id)) == 1
     assert stack.events("message.dropped") == []
-    assert stack.queue_depth() == {"visible": 0, "in_flight": 0, "delayed": 0}
+    wait_until(lambda: stack.queue_depth() == EMPTY, timeout=5, what="the batched delete")
 
 
 def test_a_killed_worker_s_project_resumes_elsewhere_from_its_last_stage(stack: Stack) -> None:
