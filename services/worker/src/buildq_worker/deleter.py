@@ -17,9 +17,9 @@ from buildq.queue import SQS_BATCH, BuildQueue
 
 log = structlog.get_logger()
 
-# How long a delete waits for others to share its call. Short: it is off every
-# run's critical path, and SQS counts the message in flight until it is gone.
-LINGER_SECONDS = 0.05
+# How long a delete waits for others to share its call. It is off every run's
+# critical path; SQS only counts the message in flight a little longer.
+LINGER_SECONDS = 0.2
 RETRY_SECONDS = 1.0
 FLUSH_SECONDS = 10.0  # at shutdown: what is still unsent after this is redelivered later
 
