@@ -9,11 +9,13 @@ redelivery, which the claim refuses and drops (invariant: the record is the trut
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 
 from buildq.errors import UnavailableError
-from buildq.queue import SQS_BATCH, BuildQueue
+from buildq.queue import SQS_BATCH
 
 log = structlog.get_logger()
 
@@ -24,8 +26,16 @@ RETRY_SECONDS = 1.0
 FLUSH_SECONDS = 10.0  # at shutdown: what is still unsent after this is redelivered later
 
 
+class BatchDelete(Protocol):
+    """What the deleter needs of the queue (``BuildQueue.delete_batch``)."""
+
+    async def delete_batch(
+        self, receipt_handles: Sequence[str], *, dlq: bool = False
+    ) -> list[str]: ...
+
+
 class Deleter:
-    def __init__(self, queue: BuildQueue, *, linger: float = LINGER_SECONDS) -> None:
+    def __init__(self, queue: BatchDelete, *, linger: float = LINGER_SECONDS) -> None:
         self._queue = queue
         self._linger = linger
         self._pending: list[str] = []
@@ -53,6 +63,11 @@ class Deleter:
         except UnavailableError as exc:
             log.warning("message.delete_failed", count=len(batch), error=str(exc))
             await asyncio.sleep(RETRY_SECONDS)  # the batch stays pending
+            return
+        except Exception:
+            # Never let this task die: every later delete would wait on it.
+            log.exception("message.delete_failed", count=len(batch))
+            await asyncio.sleep(RETRY_SECONDS)
             return
         del self._pending[: len(batch)]
         if failed:
