@@ -11,10 +11,8 @@ timeout, so that only the crash can cause a second run.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bench.stack import ROOT, Proc, Stack, epoch, wait_until
@@ -42,29 +40,7 @@ def _celery(stack: Stack, queue: str, name: str) -> Proc:
         "BENCH_CELERY_VISIBILITY": str(VISIBILITY),
         "PYTHONPATH": str(ROOT),
     }
-    proc = stack.start(
-        name,
-        [
-            str(Path(sys.executable).parent / "celery"),
-            "-A",
-            "bench.peer_celery",
-            "worker",
-            "--pool",
-            "threads",
-            "--concurrency",
-            "5",
-            "--prefetch-multiplier",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "--queues",
-            queue,
-        ],
-        env,
-    )
+    proc = stack.start_celery(name, queue, env, threads=5)
     stack.wait_started(proc, needle="ready.")
     return proc
 

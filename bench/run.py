@@ -14,7 +14,6 @@ from ``.venv``, exactly as ``uv.lock`` pins them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -52,6 +51,7 @@ from bench.stack import (
     Stack,
     epoch,
     free_port,
+    post_demo,
     wait_until,
 )
 
@@ -728,29 +728,7 @@ class Bench:
                 )
         depth = stack.queue_depth(queue)
         env = {**stack.env(), "BENCH_CELERY_QUEUE": queue, "PYTHONPATH": str(ROOT)}
-        celery = stack.start(
-            "celery",
-            [
-                str(Path(sys.executable).parent / "celery"),
-                "-A",
-                "bench.peer_celery",
-                "worker",
-                "--pool",
-                "threads",
-                "--concurrency",
-                str(SLOTS),
-                "--prefetch-multiplier",
-                "1",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--queues",
-                queue,
-            ],
-            env,
-        )
+        celery = stack.start_celery("celery", queue, env, threads=SLOTS)
         stack.wait_succeeded(count, timeout=count + 60, procs=[celery], needle="succeeded in")
         first, last = self.span(self.records(stack, created))
         theirs = count / (last - first)
@@ -1042,18 +1020,9 @@ def _depth(depth: dict[str, int]) -> str:
 
 
 def post_project(api_url: str) -> tuple[str, float]:
-    """One POST (stdlib HTTP: one request at a time needs no client library); returns
-    the project id and the time the 202 arrived (epoch seconds)."""
-    body = json.dumps({"name": "pickup", "workflow": "demo", "parameters": {"stage_seconds": 0}})
-    request = urllib.request.Request(
-        f"{api_url}/v1/projects",
-        data=body.encode(),
-        headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        payload = json.loads(response.read())
-        return str(payload["id"]), time.time()
+    """One POST; returns the project id and the time the 202 arrived (epoch seconds)."""
+    project_id = post_demo(api_url, "pickup", {"stage_seconds": 0}, timeout=10)
+    return project_id, time.time()
 
 
 # -- the report ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -285,6 +286,19 @@ class Emulator:
 _deserializer = TypeDeserializer()
 
 
+def post_demo(api_url: str, name: str, parameters: object, *, timeout: float) -> str:
+    """POST one demo project (stdlib HTTP); its id."""
+    body = json.dumps({"name": name, "workflow": "demo", "parameters": parameters})
+    request = urllib.request.Request(
+        f"{api_url}/v1/projects",
+        data=body.encode(),
+        headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return str(json.loads(response.read())["id"])
+
+
 @dataclass
 class Stack:
     """Its own table and queues on the shared emulator, and the processes it starts."""
@@ -459,20 +473,21 @@ class Stack:
     def create(self, count: int, *, concurrency: int = 16, **parameters: object) -> list[str]:
         """Create ``count`` demo projects through the API (set-up, not a measurement);
         their ids. Threads and the stdlib: no process to start, nothing to import."""
-        body = json.dumps({"name": "bench", "workflow": "demo", "parameters": parameters})
 
         def one(_: int) -> str:
-            request = urllib.request.Request(
-                f"{self.api_url}/v1/projects",
-                data=body.encode(),
-                headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
-                method="POST",
-            )
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return str(json.loads(response.read())["id"])
+            return post_demo(self.api_url, "bench", parameters, timeout=30)
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             return list(pool.map(one, range(count)))
+
+    def start_celery(self, name: str, queue: str, env: dict[str, str], *, threads: int) -> Proc:
+        """The Celery peer's worker (``bench.peer_celery``) on ``queue``: a threads pool,
+        prefetch 1, acks late (set in the app)."""
+        argv = [str(Path(sys.executable).parent / "celery"), "-A", "bench.peer_celery", "worker"]
+        argv += ["--pool", "threads", "--concurrency", str(threads), "--prefetch-multiplier", "1"]
+        argv += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        argv += ["--without-heartbeat", "--queues", queue]
+        return self.start(name, argv, env)
 
     def wait_succeeded(
         self,
