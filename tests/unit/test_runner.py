@@ -81,7 +81,11 @@ class FakeLog:
 
 @dataclass
 class Recorder:
-    """Stage functions that record which stages ran, with which context."""
+    """Stage functions that record which stages ran, with which context.
+
+    Each yields to the event loop once, as any stage doing I/O does, so the write
+    queued before it goes out while it runs.
+    """
 
     ran: list[str] = field(default_factory=list)
     contexts: list[StageContext] = field(default_factory=list)
@@ -90,6 +94,7 @@ class Recorder:
         async def fn(ctx: StageContext) -> JsonObject | None:
             self.ran.append(ctx.stage)
             self.contexts.append(ctx)
+            await asyncio.sleep(0)
             return {"stage": ctx.stage} if output is None else output
 
         return fn
@@ -97,6 +102,7 @@ class Recorder:
     def raising(self, exc: Exception) -> StageFn:
         async def fn(ctx: StageContext) -> JsonObject:
             self.ran.append(ctx.stage)
+            await asyncio.sleep(0)
             raise exc
 
         return fn
@@ -104,6 +110,7 @@ class Recorder:
     def returning(self, value: Any) -> StageFn:
         async def fn(ctx: StageContext) -> Any:
             self.ran.append(ctx.stage)
+            await asyncio.sleep(0)
             return value
 
         return fn
@@ -378,7 +385,11 @@ def test_unexpected_exception_is_a_retryable_failure() -> None:
     assert result.error is not None
     assert result.error.type == "ZeroDivisionError"
     assert result.error.message == "division by zero"
-    assert result.stages[0].name == "build"
+    # "build" failed before its start went out: its start goes with the final write.
+    assert [(s.name, s.status) for s in result.stages] == [
+        ("generate", SUCCEEDED),
+        ("build", FAILED),
+    ]
 
 
 def test_exception_without_message_is_described_by_its_repr() -> None:
@@ -441,11 +452,25 @@ def test_bad_output_fails_permanently(value: Any, message: str) -> None:
     assert result.stages[0].output is None
 
 
-def test_lease_lost_while_saving_escapes_the_runner() -> None:
+def test_a_lease_lost_in_a_write_stops_the_running_stage_and_escapes_the_runner() -> None:
     recorder = Recorder()
+    stopped: list[str] = []
+
+    async def slow(ctx: StageContext) -> JsonObject:
+        recorder.ran.append(ctx.stage)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            stopped.append(ctx.stage)
+            raise
+        return {}
+
+    wf = simple_workflow(recorder, {"build": slow})
+    # The third write (generate SUCCEEDED, build RUNNING) finds the lease gone.
     with pytest.raises(LeaseLostError):
-        run(simple_workflow(recorder), store=FakeStore(fail_save_at=2))
-    assert recorder.ran == ["plan", "generate"]
+        run(wf, store=FakeStore(fail_save_at=2))
+    assert recorder.ran == ["plan", "generate", "build"]
+    assert stopped == ["build"]
 
 
 # -- sync stages ---------------------------------------------------------------------------------
@@ -513,10 +538,12 @@ def test_cancel_between_stages_stops_before_the_next_and_keeps_the_finished_snap
     result, store = run(wf)
     assert recorder.ran == ["plan"]
     assert result.status is RunStatus.CANCELLED
+    # "generate" ended before its start went out: all of it goes with the final write.
+    assert store.saved == [[("plan", RUNNING)]]
     assert [(s.name, s.status, s.output) for s in result.stages] == [
-        ("generate", SUCCEEDED, {"done": True})
+        ("plan", SUCCEEDED, {"stage": "plan"}),
+        ("generate", SUCCEEDED, {"done": True}),
     ]
-    assert store.saved[-1] == [("plan", SUCCEEDED), ("generate", RUNNING)]
 
 
 def test_cancel_during_a_stage_stops_it() -> None:
@@ -624,11 +651,10 @@ def test_cancelling_the_task_interrupts_with_a_checkpoint() -> None:
 
     result = asyncio.run(scenario())
     assert result.status is RunStatus.INTERRUPTED
-    # The checkpoint: the last finished stage, and the interrupted one PENDING again.
-    assert [(s.name, s.status) for s in result.stages] == [
-        ("plan", SUCCEEDED),
-        ("generate", StageStatus.PENDING),
-    ]
+    # The checkpoint: the last finished stage (written while "generate" ran), and
+    # the interrupted one PENDING again.
+    assert store.saved[-1] == [("plan", SUCCEEDED), ("generate", RUNNING)]
+    assert [(s.name, s.status) for s in result.stages] == [("generate", StageStatus.PENDING)]
 
 
 # -- a first stage the claim already started ------------------------------------------
@@ -685,3 +711,44 @@ def test_a_cancel_before_the_first_step_puts_the_claimed_stage_back() -> None:
         None,
         None,
     )
+
+
+# -- writes behind the stages -------------------------------------------------------------
+
+
+def test_stages_shorter_than_a_write_cost_no_write_of_their_own() -> None:
+    async def instant(ctx: StageContext) -> JsonObject:
+        return {"stage": ctx.stage}
+
+    wf = workflow(*(Stage(name, instant) for name in NAMES))
+    result, store = run(wf, started_by_its_claim(claimed_project()))
+    assert result.status is RunStatus.SUCCEEDED
+    assert store.saves == []  # the claim and the final write say it all
+    assert [(s.name, s.status) for s in result.stages] == [(n, SUCCEEDED) for n in NAMES]
+
+
+def test_a_stage_starts_without_waiting_for_the_write_that_records_the_one_before() -> None:
+    held = asyncio.Event()  # created in the test's loop below
+
+    class HeldStore(FakeStore):
+        async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:
+            await held.wait()  # until the last stage runs: a runner waiting would hang
+            return await super().save_stages(token, *stages)
+
+    async def quick(ctx: StageContext) -> JsonObject:
+        if ctx.stage == NAMES[-1]:
+            held.set()
+        await asyncio.sleep(0.01)
+        return {}
+
+    wf = workflow(*(Stage(name, quick) for name in NAMES))
+    result, store = run(
+        wf, started_by_its_claim(claimed_project()), store=HeldStore(), workflow_timeout=5
+    )
+    assert result.status is RunStatus.SUCCEEDED
+    # What piled up behind the held write went out together in the next one.
+    assert store.saved == [
+        [("plan", SUCCEEDED), ("generate", RUNNING)],
+        [("generate", SUCCEEDED), ("build", SUCCEEDED), ("package", RUNNING)],
+    ]
+    assert [(s.name, s.status) for s in result.stages] == [("package", SUCCEEDED)]

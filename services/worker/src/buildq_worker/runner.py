@@ -1,8 +1,9 @@
 """Runs one claimed project's workflow, stage by stage, writing each snapshot.
 
-Every write is fenced by the run's token (owner + attempt). The runner never
-decides the project's final state in the table; it returns a ``RunResult`` and
-the worker settles it (finish, requeue or dead-letter) together with the message.
+Snapshots are written behind the stages (``checkpoints``), every write fenced by
+the run's token (owner + attempt). The runner never decides the project's final
+state in the table; it returns a ``RunResult`` and the worker settles it (finish,
+requeue or dead-letter) together with the message.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import inspect
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from buildq.clock import now_iso
 from buildq.models import ErrorInfo, Project, StageSnapshot
@@ -35,6 +36,7 @@ from buildq.workflows.base import (
     StageContext,
     Workflow,
 )
+from buildq_worker.checkpoints import CheckpointWriter, StageWriter
 from buildq_worker.metrics import STAGE_SECONDS
 
 MAX_OUTPUT_BYTES = 8 * 1024  # keeps the whole project item far below DynamoDB's 400 KB
@@ -54,12 +56,6 @@ class RunResult:
     error: ErrorInfo | None = None
     permanent: bool = False
     retry_delay: float | None = None  # a RetryableError's own delay, if it gave one
-
-
-class StageWriter(Protocol):
-    """What the runner needs of the store: fenced stage writes."""
-
-    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool: ...
 
 
 class StageOutputError(PermanentError):
@@ -109,11 +105,43 @@ async def run_workflow(
 
     Cancelling the task that runs this returns an INTERRUPTED result carrying the
     checkpoint to write (the last finished stage, the interrupted one PENDING again).
+    The result's ``stages`` include every snapshot not yet written. Raises
+    LeaseLostError if a write finds that another worker owns the project: the stage
+    then running is stopped at once.
     """
+    task = asyncio.current_task()
+    assert task is not None
+    writer = CheckpointWriter(
+        store, token, log, on_cancel=cancel_event.set, on_lease_lost=task.cancel
+    )
+    result = await _run_stages(
+        project,
+        workflow,
+        writer,
+        token,
+        log,
+        cancel_event,
+        default_stage_timeout=default_stage_timeout,
+        workflow_timeout=workflow_timeout,
+    )
+    return replace(result, stages=await writer.settle(result.stages))
+
+
+async def _run_stages(
+    project: Project,
+    workflow: Workflow,
+    writer: CheckpointWriter,
+    token: RunToken,
+    log: Any,
+    cancel_event: asyncio.Event,
+    *,
+    default_stage_timeout: float,
+    workflow_timeout: float,
+) -> RunResult:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + workflow_timeout
     snapshots = {stage.name: stage for stage in project.stages}
-    finished: StageSnapshot | None = None  # written together with the next write
+    finished: StageSnapshot | None = None  # written together with the next start
     # The claim may have marked the first stage RUNNING already: no write for it.
     started: StageSnapshot | None = started_by_claim(project)
     try:
@@ -128,8 +156,8 @@ async def run_workflow(
                 started = stage_started(
                     snapshots[name], attempt=token.attempt, worker_id=token.worker_id, now=now_iso()
                 )
-                if await store.save_stages(token, *_present(finished, started)):
-                    cancel_event.set()
+                writer.write(*_present(finished, started))
+                finished = None
             result = await _run_stage(
                 project,
                 stage,

@@ -1,0 +1,107 @@
+"""Writes a run's stage snapshots behind it, so no stage waits on DynamoDB.
+
+A stage starts as soon as the one before it finishes; the snapshots recording that
+(stage N SUCCEEDED, stage N+1 RUNNING) go out in the background. At most one write
+is in flight per run, so writes land in order, and whatever piles up behind it goes
+out together in the next one (group commit): a stage shorter than a round trip costs
+no write of its own. What is still unwritten when the run ends goes with its final
+write: a run whose stages all finish within one round trip writes only its claim
+and its end. Every write stays fenced by the run's token (invariant 3).
+
+A crash loses at most the snapshots of one round trip: their stage runs again on the
+next attempt, as it would have had the crash come a moment earlier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from buildq.errors import LeaseLostError
+from buildq.models import StageSnapshot
+from buildq.store import RunToken
+
+
+class StageWriter(Protocol):
+    """What the writer needs of the store (``ProjectStore.save_stages``)."""
+
+    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool: ...
+
+
+def merged(*groups: Iterable[StageSnapshot]) -> list[StageSnapshot]:
+    """One snapshot per stage, the latest winning, in first-seen order."""
+    latest: dict[str, StageSnapshot] = {}
+    for group in groups:
+        for stage in group:
+            latest[stage.name] = stage
+    return list(latest.values())
+
+
+class CheckpointWriter:
+    def __init__(
+        self,
+        store: StageWriter,
+        token: RunToken,
+        log: Any,
+        *,
+        on_cancel: Callable[[], object],
+        on_lease_lost: Callable[[], object],
+    ) -> None:
+        self._store = store
+        self._token = token
+        self._log = log
+        self._on_cancel = on_cancel
+        self._on_lease_lost = on_lease_lost
+        self._unwritten: list[StageSnapshot] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._lost: LeaseLostError | None = None
+        self._settling = False
+
+    def write(self, *stages: StageSnapshot) -> None:
+        """Queue snapshots; returns at once. A write starts now if none is in flight."""
+        if self._lost is not None:
+            return  # another worker owns the project: write nothing more
+        self._unwritten = merged(self._unwritten, stages)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write_all())
+
+    async def _write_all(self) -> None:
+        # Once the run has ended, what is left goes with its final write instead.
+        while self._unwritten and not self._settling:
+            batch, self._unwritten = self._unwritten, []
+            try:
+                cancel = await self._store.save_stages(self._token, *batch)
+            except LeaseLostError as exc:
+                self._lost = exc
+                self._unwritten = []
+                if not self._settling:
+                    self._on_lease_lost()
+                return
+            except Exception as exc:
+                # Keep them (under anything newer): the next write, or the final
+                # one, carries them. The run itself goes on.
+                self._unwritten = merged(batch, self._unwritten)
+                self._log.warning("checkpoint.write_failed", error=str(exc))
+                return
+            if cancel:
+                self._on_cancel()
+
+    async def settle(self, final: Sequence[StageSnapshot] = ()) -> list[StageSnapshot]:
+        """Wait for the write in flight, then return what is still unwritten, with
+        ``final`` on top, for the run's final write. Raises LeaseLostError if a write
+        found the lease gone."""
+        self._settling = True
+        while self._writing is not None and not self._writing.done():
+            try:
+                await asyncio.wait({self._writing})
+            except asyncio.CancelledError:
+                # The run has ended: a stop request now changes nothing, and the
+                # caller still needs what the write in flight did not carry.
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+        if self._lost is not None:
+            raise self._lost
+        unwritten, self._unwritten = self._unwritten, []
+        return merged(unwritten, final)
