@@ -57,6 +57,7 @@ from bench.stack import (
 )
 
 MIB = 1024 * 1024
+Cost = tuple[dict[str, float | None], float]  # a window's CPU shares, and the rate it got
 GROUPS = ("api", "workers", "scale", "behaviour")  # what --only picks from
 SLOTS = 5  # BUILDQ_MAX_WORKFLOW_WORKERS in every scenario (the default)
 STAGES = 4  # the demo workflow's
@@ -173,7 +174,7 @@ class Bench:
         self.pickups: dict[str, list[float]] = {"buildq": [], "floor (SQS send → receive)": []}
         self.memory: dict[str, list[float]] = {}
         self.scale: dict[int, list[float]] = {}
-        self.costs: dict[tuple[str, str], list[tuple[dict[str, float | None], float]]] = {}
+        self.costs: dict[tuple[str, str], list[Cost]] = {}
         self._reuse: Proc | None = None  # an idle worker the next step may take over
         self._buildq_throughput: float | None = None  # worker overhead, for the peer
         s = self.scenarios = {
@@ -533,6 +534,12 @@ class Bench:
                 level["latencies_ms"]
             )
             cpu = self.window(stack, level["t_start"], level["t_end"])
+            # CPU per create, next to API create's at idle: whose work grew with the backlog.
+            what = f"API create while busy, {_clients(clients)}"
+            self.cost(what, "buildq", cpu, level["throughput"], "API")
+            floor_cpu = self.window(stack, base["t_start"], base["t_end"])
+            floor_cpu.shares["floor process"] = base["loadgen_cpu"]
+            self.cost(what, "floor", floor_cpu, base["throughput"], "floor process")
             scenario.per_run.append(
                 [
                     str(run + 1),
@@ -934,6 +941,21 @@ class Bench:
                 f"({ours_deep / ours_idle:.1f}x); on the same backlog it is "
                 f"{ours_deep / floor_deep:.2f}x the floor."
             )
+            at_idle = self.costs.get((f"API create, {label}", "buildq"), [])
+            at_depth = self.costs.get((f"API create while busy, {label}", "buildq"), [])
+            cpu = {
+                (who, when): cpu_ms_per_unit(samples, [who])
+                for who in ("service", "emulator")
+                for when, samples in (("idle", at_idle), ("busy", at_depth))
+            }
+            if all(value is not None for value in cpu.values()):
+                busy.notes.append(
+                    f"{label}, CPU per create: the API's own "
+                    f"{cpu['service', 'idle']:.1f} ms at idle, {cpu['service', 'busy']:.1f} ms "
+                    f"busy; the emulator's {cpu['emulator', 'idle']:.1f} ms at idle, "
+                    f"{cpu['emulator', 'busy']:.1f} ms on the backlog (moto's SendMessage "
+                    "recounts the queue on every call)."
+                )
 
     def emulator_notes(self) -> None:
         """Say where the emulator was the bottleneck: its share in buildq's windows close
@@ -947,7 +969,9 @@ class Bench:
                 continue
             share = statistics.median(shares)
             key = "api" if what.startswith("API") else "worker"
-            if "slots" in what:
+            if "while busy" in what:
+                key = "never_waits"
+            elif "slots" in what:
                 key = "slots"
             elif "worker process" in what:
                 key = "scale"
@@ -1113,12 +1137,7 @@ def cost_table(bench: Bench) -> list[str]:
     for (what, system), samples in bench.costs.items():
 
         def per_unit(names: Sequence[str], samples: Any = samples) -> float | None:
-            values = []
-            for shares, rate in samples:
-                found = [shares.get(name) for name in names if shares.get(name) is not None]
-                if found and rate:
-                    values.append(sum(v for v in found if v is not None) / rate * 1000)
-            return statistics.median(values) if values else None
+            return cpu_ms_per_unit(samples, names)
 
         others = []
         for shares, _ in samples:
@@ -1134,6 +1153,16 @@ def cost_table(bench: Bench) -> list[str]:
             f"{_share(statistics.median(others) if others else None)} |"
         )
     return lines
+
+
+def cpu_ms_per_unit(samples: Sequence[Cost], names: Sequence[str]) -> float | None:
+    """Median over runs of the ``names`` processes' CPU ms per unit of work."""
+    values = []
+    for shares, rate in samples:
+        found = [shares.get(name) for name in names if shares.get(name) is not None]
+        if found and rate:
+            values.append(sum(v for v in found if v is not None) / rate * 1000)
+    return statistics.median(values) if values else None
 
 
 def _ms(value: float | None) -> str:
