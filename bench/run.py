@@ -637,12 +637,14 @@ class Bench:
         )
         window = self.window(stack, first, last)
         per_slot = (last - first) * SLOTS / config.slot_projects * 1000
-        claim, writes = overhead_parts(records, config.slot_stage)
-        rest = per_slot - STAGES * config.slot_stage * 1000 - claim - writes
+        inside = overhead_parts(records, config.slot_stage)
+        rest = per_slot - STAGES * config.slot_stage * 1000 - inside
         breakdown = (
             f"{per_slot - STAGES * config.slot_stage * 1000:.0f} ms above the stages: "
-            f"claim → first stage {claim:.0f}, between stages {writes:.0f}, "
-            f"the rest {rest:.0f} (final write, the next receive and claim)"
+            f"{inside:.0f} from the claim to the last stage's end (the claim's round trip, "
+            f"stage overruns), {rest:.0f} in the hand-off (final write, then the next "
+            "claim; the next receive overlaps the final write) and the run's ragged start "
+            "and end"
         )
         rate = config.slot_projects / (last - first)
         what = f"project of 4 x {config.slot_stage:g} s (slots)"
@@ -1004,26 +1006,17 @@ class Bench:
         self.sampler.close()
 
 
-def overhead_parts(records: Sequence[dict[str, Any]], stage_seconds: float) -> tuple[float, float]:
-    """Medians over projects, ms: claim → first stage start, and the time the stages took
-    beyond their own sleep (the runner's own time between stages)."""
-    claims, writes = [], []
+def overhead_parts(records: Sequence[dict[str, Any]], stage_seconds: float) -> float:
+    """Median over projects, ms: the project's start (its claim, which also starts the
+    first stage) to its last stage's end, beyond the stages' own sleep."""
+    spans = []
     for item in records:
         stages = item.get("stages", {})
-        plan = stages.get("plan", {})
-        if item.get("started_at") and plan.get("started_at"):
-            claims.append((epoch(plan["started_at"]) - epoch(item["started_at"])) * 1000)
-        extra = [
-            (epoch(st["finished_at"]) - epoch(st["started_at"]) - stage_seconds) * 1000
-            for st in stages.values()
-            if st.get("started_at") and st.get("finished_at")
-        ]
-        if extra:
-            writes.append(sum(extra))
-    return (
-        statistics.median(claims) if claims else 0.0,
-        statistics.median(writes) if writes else 0.0,
-    )
+        ends = [st["finished_at"] for st in stages.values() if st.get("finished_at")]
+        if item.get("started_at") and ends:
+            span = epoch(max(ends)) - epoch(item["started_at"])
+            spans.append((span - len(ends) * stage_seconds) * 1000)
+    return statistics.median(spans) if spans else 0.0
 
 
 def aws_calls(port: int) -> dict[str, tuple[int, float]]:

@@ -17,7 +17,7 @@ from buildq.messages import BuildReason, build_message
 from buildq.settings import WorkerSettings
 from buildq.workflows.registry import load_registry
 from buildq_worker.server import serving
-from buildq_worker.worker import Worker
+from buildq_worker.worker import ActiveRun, Worker
 from tests.harness import Stack, create_demo, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -198,7 +198,8 @@ def test_healthz_is_503_once_the_receive_loop_stalls_with_free_slots() -> None:
                 worker._receive_progress = stalled_at
 
             def busy() -> None:
-                worker._runs["m"] = cast(Any, object())  # every slot taken: not a stall
+                # Every slot taken: not a stall.
+                worker._runs["m"] = ActiveRun(message=cast(Any, None))
 
             def waiting() -> None:
                 worker._runs.clear()

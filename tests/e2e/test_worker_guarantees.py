@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import signal
@@ -14,7 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from buildq.messages import BuildReason, build_message
+from buildq.aws import aws_clients
+from buildq.messages import BuildReason, build_message, decode
+from buildq.models import Project, ProjectStatus
+from buildq.queue import ReceivedMessage, SqsBuildQueue
+from buildq.settings import WorkerSettings
+from buildq.store import DynamoProjectStore, RunToken
+from buildq.workflows.registry import load_registry
+from buildq_worker.worker import Worker
 from tests.e2e.test_metrics import metrics_url, scrape, total
 from tests.harness import Proc, Stack, create_demo, free_port, wait_until
 
@@ -119,6 +127,72 @@ def test_a_worker_whose_lease_was_taken_over_writes_nothing_more(stack: Stack) -
         other = create_demo(http, stage_seconds=0.05)
         assert stack.wait_for_status(http, other, {"SUCCEEDED"})["attempt"] == 1
     assert worker.alive()
+
+
+def test_a_slot_is_free_once_its_workflow_ends_not_once_its_final_write_lands(
+    stack: Stack,
+) -> None:
+    """Invariant 6 at the hand-off: a one-slot worker receives and claims the next
+    message while the last run's final write goes out, never before its workflow has
+    ended. An in-process worker on the real adapters, its final write held a moment."""
+    stack.start_api()
+    with stack.http() as http:
+        ids = {create_demo(http, name, stage_seconds=0.05) for name in ("a", "b")}
+    order: list[tuple[str, str]] = []
+    both_done: list[asyncio.Event] = []  # made inside the worker's loop
+
+    class SlowFinishStore(DynamoProjectStore):
+        async def claim(self, tenant_id: str, project_id: str, **kwargs: Any) -> Project:
+            project = await super().claim(tenant_id, project_id, **kwargs)
+            order.append(("claimed", project_id))
+            return project
+
+        async def finish(self, token: RunToken, status: ProjectStatus, **kwargs: Any) -> None:
+            order.append(("finishing", token.project_id))  # its workflow has ended
+            await asyncio.sleep(0.5)  # far longer than a receive and a claim
+            await super().finish(token, status, **kwargs)
+            order.append(("finished", token.project_id))
+            if sum(event == "finished" for event, _ in order) == 2:
+                both_done[0].set()
+
+    class RecordingQueue(SqsBuildQueue):
+        async def receive(self, max_messages: int, **kwargs: Any) -> list[ReceivedMessage]:
+            messages = await super().receive(max_messages, **kwargs)
+            order.extend(("received", decode(m.body).project_id) for m in messages)
+            return messages
+
+    settings = WorkerSettings(
+        table_name=stack.table_name,
+        queue_name=stack.queue_name,
+        dlq_name=stack.dlq_name,
+        max_workflow_workers=1,
+        receive_wait_seconds=1,
+        drain_seconds=5,
+    )
+
+    async def main() -> None:
+        async with aws_clients(settings) as clients:
+            worker = Worker(
+                settings,
+                SlowFinishStore.from_settings(clients.dynamodb, settings),
+                RecordingQueue.from_settings(clients.sqs, settings),
+                load_registry([]),
+            )
+            both_done.append(asyncio.Event())
+            running = asyncio.create_task(worker.run())
+            async with asyncio.timeout(30):
+                await both_done[0].wait()
+            worker.request_shutdown()
+            await running
+
+    asyncio.run(main())
+    first, second = (pid for event, pid in order if event == "claimed")
+    assert {first, second} == ids
+    at = {step: index for index, step in enumerate(order)}
+    # One slot: the second message is received only once the first workflow ended...
+    assert at["finishing", first] < at["received", second], order
+    # ... and it is running before the first run's final write has landed.
+    assert at["claimed", second] < at["finished", first], order
 
 
 def test_the_same_message_three_times_runs_the_project_once(stack: Stack) -> None:

@@ -68,6 +68,7 @@ class Calls:
             log or Log(),
             on_cancel=self._cancelled,
             on_lease_lost=self._lost,
+            linger=0,
         )
 
     def _cancelled(self) -> None:
@@ -239,3 +240,37 @@ def test_a_stop_request_while_settling_neither_cuts_the_write_short_nor_loses_sn
     assert store.saves == [[("plan", RUNNING)]]
     assert statuses(final) == [("plan", SUCCEEDED), ("generate", SUCCEEDED)]
     assert cancelled is False
+
+
+def test_a_write_from_an_idle_writer_waits_the_linger_for_company() -> None:
+    async def scenario() -> tuple[HeldStore, list[list[tuple[str, StageStatus]]]]:
+        store = HeldStore()
+        writer = CheckpointWriter(
+            store, TOKEN, Log(), on_cancel=lambda: None, on_lease_lost=lambda: None, linger=0.05
+        )
+        writer.write(snap("plan", SUCCEEDED), snap("generate"))
+        await settle_loop()
+        writer.write(snap("generate", SUCCEEDED), snap("build"))
+        during = list(store.saves)
+        await asyncio.sleep(0.2)
+        return store, during
+
+    store, during = asyncio.run(scenario())
+    assert during == []
+    assert store.saves == [[("plan", SUCCEEDED), ("generate", SUCCEEDED), ("build", RUNNING)]]
+
+
+def test_settling_during_the_linger_sends_nothing_and_returns_it_all() -> None:
+    async def scenario() -> tuple[HeldStore, list[StageSnapshot]]:
+        store = HeldStore()
+        writer = CheckpointWriter(
+            store, TOKEN, Log(), on_cancel=lambda: None, on_lease_lost=lambda: None, linger=0.05
+        )
+        writer.write(snap("plan", SUCCEEDED), snap("generate"))
+        final = await writer.settle([snap("generate", SUCCEEDED)])
+        await asyncio.sleep(0.1)  # the linger would have run out by now
+        return store, final
+
+    store, final = asyncio.run(scenario())
+    assert store.saves == []
+    assert statuses(final) == [("plan", SUCCEEDED), ("generate", SUCCEEDED)]

@@ -56,6 +56,11 @@ class FakeStore:
         self.saves.append((token, stages))
         return self.cancel_after is not None and len(self.saves) > self.cancel_after
 
+    def record(self, result: RunResult) -> dict[str, StageSnapshot]:
+        """The stages as the table ends up: every save, then the final write's."""
+        stages = {stage.name: stage for _, saved in self.saves for stage in saved}
+        return stages | {stage.name: stage for stage in result.stages}
+
     @property
     def saved(self) -> list[list[tuple[str, StageStatus]]]:
         """Each save_stages call as (stage, status) pairs."""
@@ -83,8 +88,8 @@ class FakeLog:
 class Recorder:
     """Stage functions that record which stages ran, with which context.
 
-    Each yields to the event loop once, as any stage doing I/O does, so the write
-    queued before it goes out while it runs.
+    Each takes a millisecond, as any stage doing I/O does, so (with the writer's
+    linger at 0, see ``run``) the write queued before it goes out while it runs.
     """
 
     ran: list[str] = field(default_factory=list)
@@ -94,7 +99,7 @@ class Recorder:
         async def fn(ctx: StageContext) -> JsonObject | None:
             self.ran.append(ctx.stage)
             self.contexts.append(ctx)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
             return {"stage": ctx.stage} if output is None else output
 
         return fn
@@ -102,7 +107,7 @@ class Recorder:
     def raising(self, exc: Exception) -> StageFn:
         async def fn(ctx: StageContext) -> JsonObject:
             self.ran.append(ctx.stage)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
             raise exc
 
         return fn
@@ -110,7 +115,7 @@ class Recorder:
     def returning(self, value: Any) -> StageFn:
         async def fn(ctx: StageContext) -> Any:
             self.ran.append(ctx.stage)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
             return value
 
         return fn
@@ -167,6 +172,7 @@ def run(
     workflow_timeout: float = 60.0,
     cancel_before: bool = False,
     cancel_hook: Callable[[asyncio.Event], None] | None = None,
+    linger: float = 0.0,
 ) -> tuple[RunResult, FakeStore]:
     project = project or claimed_project()
     store = store or FakeStore()
@@ -186,6 +192,7 @@ def run(
             default_stage_timeout=default_stage_timeout,
             workflow_timeout=workflow_timeout,
             cancel_event=cancel_event,
+            checkpoint_linger=linger,
         )
 
     return asyncio.run(scenario()), store
@@ -487,10 +494,10 @@ def test_sync_stage_runs_in_a_thread_and_its_output_is_recorded() -> None:
     wf = workflow(Stage("plan", Recorder().ok()), Stage("sync", blocking))
     result, store = run(wf, claimed_project(["plan", "sync"]))
     assert result.status is RunStatus.SUCCEEDED
-    assert result.stages[0].output == {"sync": True, "stage": "sync"}
     assert threads
     assert threads[0] != main_thread
-    assert store.saved[-1] == [("plan", SUCCEEDED), ("sync", RUNNING)]
+    sync = store.record(result)["sync"]
+    assert (sync.status, sync.output) == (SUCCEEDED, {"sync": True, "stage": "sync"})
 
 
 def test_sync_stage_errors_are_reported() -> None:
@@ -651,10 +658,14 @@ def test_cancelling_the_task_interrupts_with_a_checkpoint() -> None:
 
     result = asyncio.run(scenario())
     assert result.status is RunStatus.INTERRUPTED
-    # The checkpoint: the last finished stage (written while "generate" ran), and
-    # the interrupted one PENDING again.
-    assert store.saved[-1] == [("plan", SUCCEEDED), ("generate", RUNNING)]
-    assert [(s.name, s.status) for s in result.stages] == [("generate", StageStatus.PENDING)]
+    # The checkpoint: the last finished stage, and the interrupted one PENDING again
+    # (written while "generate" ran, or with the final write).
+    record = store.record(result)
+    assert [(name, record[name].status) for name in ("plan", "generate")] == [
+        ("plan", SUCCEEDED),
+        ("generate", StageStatus.PENDING),
+    ]
+    assert {"build", "package"}.isdisjoint(record)
 
 
 # -- a first stage the claim already started ------------------------------------------
@@ -724,6 +735,16 @@ def test_stages_shorter_than_a_write_cost_no_write_of_their_own() -> None:
     result, store = run(wf, started_by_its_claim(claimed_project()))
     assert result.status is RunStatus.SUCCEEDED
     assert store.saves == []  # the claim and the final write say it all
+    assert [(s.name, s.status) for s in result.stages] == [(n, SUCCEEDED) for n in NAMES]
+
+
+def test_stages_within_the_linger_share_one_write_even_when_they_wait() -> None:
+    recorder = Recorder()  # each stage waits a millisecond
+    result, store = run(
+        simple_workflow(recorder), started_by_its_claim(claimed_project()), linger=0.5
+    )
+    assert recorder.ran == list(NAMES)
+    assert store.saves == []
     assert [(s.name, s.status) for s in result.stages] == [(n, SUCCEEDED) for n in NAMES]
 
 

@@ -3,13 +3,14 @@
 A stage starts as soon as the one before it finishes; the snapshots recording that
 (stage N SUCCEEDED, stage N+1 RUNNING) go out in the background. At most one write
 is in flight per run, so writes land in order, and whatever piles up behind it goes
-out together in the next one (group commit): a stage shorter than a round trip costs
-no write of its own. What is still unwritten when the run ends goes with its final
-write: a run whose stages all finish within one round trip writes only its claim
-and its end. Every write stays fenced by the run's token (invariant 3).
+out together in the next one (group commit). A write from an idle writer waits
+``LINGER_SECONDS`` for company first, so stages shorter than that cost no write of
+their own. What is still unwritten when the run ends goes with its final write: a
+run whose stages all finish within the linger writes only its claim and its end.
+Every write stays fenced by the run's token (invariant 3).
 
-A crash loses at most the snapshots of one round trip: their stage runs again on the
-next attempt, as it would have had the crash come a moment earlier.
+A crash loses at most the snapshots of the linger and one round trip: their stages
+run again on the next attempt, as they would have had the crash come a moment earlier.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Any, Protocol
 from buildq.errors import LeaseLostError
 from buildq.models import StageSnapshot
 from buildq.store import RunToken
+
+# Far below any stage worth recording as RUNNING on its own; long enough for stages
+# that do nothing (or only check a cache) to share one write.
+LINGER_SECONDS = 0.01
 
 
 class StageWriter(Protocol):
@@ -47,24 +52,34 @@ class CheckpointWriter:
         *,
         on_cancel: Callable[[], object],
         on_lease_lost: Callable[[], object],
+        linger: float = LINGER_SECONDS,
     ) -> None:
         self._store = store
+        self._linger = linger
         self._token = token
         self._log = log
         self._on_cancel = on_cancel
         self._on_lease_lost = on_lease_lost
         self._unwritten: list[StageSnapshot] = []
         self._writing: asyncio.Task[None] | None = None
+        self._lingering: asyncio.TimerHandle | None = None
         self._lost: LeaseLostError | None = None
         self._settling = False
 
     def write(self, *stages: StageSnapshot) -> None:
-        """Queue snapshots; returns at once. A write starts now if none is in flight."""
+        """Queue snapshots; returns at once. With no write in flight, one starts after
+        the linger; otherwise they go out right after the one in flight."""
         if self._lost is not None:
             return  # another worker owns the project: write nothing more
         self._unwritten = merged(self._unwritten, stages)
-        if self._writing is None or self._writing.done():
-            self._writing = asyncio.create_task(self._write_all())
+        idle = self._writing is None or self._writing.done()
+        if idle and self._lingering is None:
+            loop = asyncio.get_running_loop()
+            self._lingering = loop.call_later(self._linger, self._start)
+
+    def _start(self) -> None:
+        self._lingering = None
+        self._writing = asyncio.create_task(self._write_all())
 
     async def _write_all(self) -> None:
         # Once the run has ended, what is left goes with its final write instead.
@@ -92,6 +107,9 @@ class CheckpointWriter:
         ``final`` on top, for the run's final write. Raises LeaseLostError if a write
         found the lease gone."""
         self._settling = True
+        if self._lingering is not None:
+            self._lingering.cancel()  # not sent yet: it goes with the final write
+            self._lingering = None
         while self._writing is not None and not self._writing.done():
             try:
                 await asyncio.wait({self._writing})

@@ -36,7 +36,7 @@ from buildq.workflows.base import (
     StageContext,
     Workflow,
 )
-from buildq_worker.checkpoints import CheckpointWriter, StageWriter
+from buildq_worker.checkpoints import LINGER_SECONDS, CheckpointWriter, StageWriter
 from buildq_worker.metrics import STAGE_SECONDS
 
 MAX_OUTPUT_BYTES = 8 * 1024  # keeps the whole project item far below DynamoDB's 400 KB
@@ -100,6 +100,7 @@ async def run_workflow(
     default_stage_timeout: float,
     workflow_timeout: float,
     cancel_event: asyncio.Event,
+    checkpoint_linger: float = LINGER_SECONDS,
 ) -> RunResult:
     """Run the stages still pending, in order; resumed projects skip finished ones.
 
@@ -112,7 +113,12 @@ async def run_workflow(
     task = asyncio.current_task()
     assert task is not None
     writer = CheckpointWriter(
-        store, token, log, on_cancel=cancel_event.set, on_lease_lost=task.cancel
+        store,
+        token,
+        log,
+        on_cancel=cancel_event.set,
+        on_lease_lost=task.cancel,
+        linger=checkpoint_linger,
     )
     result = await _run_stages(
         project,

@@ -1,7 +1,9 @@
 """The worker loop: poll → claim → run → settle, at most K workflows at once.
 
 - Receives only while it has free slots, and asks for at most as many
-  messages as it has free slots (invariant 6).
+  messages as it has free slots (invariant 6). A slot is free once its workflow has
+  ended: the next message is received and claimed while the run's final write goes
+  out, so no slot waits on that round trip, and at most K workflows ever run.
 - Claims each project with a conditional write before running it (invariant 3).
 - Heartbeats every active run: extends the message's visibility and the lease
   well before either expires (invariant 4).
@@ -66,6 +68,7 @@ class ActiveRun:
     message_deleted: bool = False  # held past the 12 h cap: runs on its lease alone
     releasing: bool = False  # the worker is draining: hand the run back
     lease_lost: bool = False  # another worker owns the project now: write nothing
+    finishing: bool = False  # its workflow has ended: only its final writes remain
 
     def stop_workflow(self) -> None:
         if self.workflow_task is not None and not self.workflow_task.done():
@@ -119,6 +122,11 @@ class Worker:
         return len(self._runs)
 
     @property
+    def busy(self) -> int:
+        """Slots taken: every run whose workflow has not ended yet."""
+        return sum(1 for run in self._runs.values() if not run.finishing)
+
+    @property
     def stall_after(self) -> float:
         """Longest an iteration of the receive loop may take: one long poll that hits
         the read timeout, plus slack."""
@@ -128,7 +136,7 @@ class Worker:
         """Seconds since the receive loop last went round, if that is longer than
         ``stall_after`` although it has free slots; else None (healthy). A worker whose
         slots are all busy, or that is draining, is not receiving by design."""
-        if self._stopping.is_set() or self._waiting_for_slot or self.active >= self.capacity:
+        if self._stopping.is_set() or self._waiting_for_slot or self.busy >= self.capacity:
             return None
         since = time.monotonic() - self._receive_progress
         return since if since > self.stall_after else None
@@ -153,7 +161,7 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        metrics.track_slots(self._running_workflows, lambda: self.capacity - self.active)
+        metrics.track_slots(self._running_workflows, lambda: self.capacity - self.busy)
         await self._wait_for_queue()
         log.info("worker.started", slots=self.capacity)
         await self._best_effort(self.presence.beat)
@@ -190,7 +198,7 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             self._receive_progress = time.monotonic()
-            free = self.capacity - self.active
+            free = self.capacity - self.busy
             if free <= 0:
                 self._slot_freed.clear()
                 self._waiting_for_slot = True
@@ -316,6 +324,8 @@ class Worker:
             queue_lag_ms=int(lag * 1000),
         )
         result = await self._run(run, project)
+        run.finishing = True
+        self._slot_freed.set()  # the next run starts while this one settles
         if result.status is RunStatus.INTERRUPTED:
             if run.lease_lost:
                 self._lease_lost()
