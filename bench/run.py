@@ -175,7 +175,7 @@ class Bench:
         self.memory: dict[str, list[float]] = {}
         self.scale: dict[int, list[float]] = {}
         self.costs: dict[tuple[str, str], list[Cost]] = {}
-        self._reuse: Proc | None = None  # an idle worker the next step may take over
+        self._reuse: tuple[Proc, int] | None = None  # an idle worker (and its metrics port)
         self._buildq_throughput: float | None = None  # worker overhead, for the peer
         s = self.scenarios = {
             "api": Scenario(
@@ -577,7 +577,8 @@ class Bench:
         # The floor first, while no worker polls this queue.
         floor = stack.loadgen("floor-pickup", "--samples", str(config.pickup_samples))
         theirs = floor["latencies_ms"]
-        workers = [stack.start_worker(wait=False) for _ in range(config.pickup_workers)]
+        ports = [free_port() for _ in range(config.pickup_workers)]
+        workers = [stack.start_worker(wait=False, metrics_port=port) for port in ports]
         for proc in workers:
             stack.wait_started(proc)
         time.sleep(0.5)  # every worker is in its long poll
@@ -594,7 +595,7 @@ class Bench:
                     started[event["project_id"]] = epoch(event["timestamp"])
         ours = [(started[pid] - at) * 1000 for pid, at in accepted.items() if pid in started]
         if len(workers) == 1:
-            self._reuse = workers[0]  # idle again: the slot-utilisation run takes it
+            self._reuse = (workers[0], ports[0])  # idle again: the slot-utilisation run
             stack.workers.clear()
         else:
             self._stop_workers(stack)
@@ -618,18 +619,21 @@ class Bench:
         config = self.config
         scenario = self.scenarios["slots"]
         reused, self._reuse = self._reuse, None
-        if reused is not None and reused.alive():
-            stack.workers.append(reused)
-            worker = reused
+        if reused is not None and reused[0].alive():
+            worker, port = reused
+            stack.workers.append(worker)
         else:
-            worker = stack.start_worker()
+            port = free_port()
+            worker = stack.start_worker(metrics_port=port)
         before = worker.count('"project.succeeded"')
+        calls_before = aws_calls(port)
         created = stack.create(
             config.slot_projects, concurrency=16, stage_seconds=config.slot_stage
         )
         depth = stack.queue_depth()
         ideal = config.slot_projects * STAGES * config.slot_stage / SLOTS
         stack.wait_succeeded(before + config.slot_projects, timeout=ideal * 4 + 60)
+        latency = mean_latencies(calls_before, aws_calls(port))
         records = self.records(stack, created)
         first, last = self.span(records)
         self.note_memory(
@@ -642,9 +646,10 @@ class Bench:
         breakdown = (
             f"{per_slot - STAGES * config.slot_stage * 1000:.0f} ms above the stages: "
             f"{inside:.0f} from the claim to the last stage's end (the claim's round trip, "
-            f"stage overruns), {rest:.0f} in the hand-off (final write, then the next "
-            "claim; the next receive overlaps the final write) and the run's ragged start "
-            "and end"
+            f"stage overruns), {rest:.0f} in the hand-off (the next receive and claim; the "
+            "final write goes out alongside) and the run's ragged start and end. The "
+            "worker's mean round trip to the emulator: "
+            + ", ".join(f"{op} {ms:.0f} ms" for op, ms in sorted(latency.items()))
         )
         rate = config.slot_projects / (last - first)
         what = f"project of 4 x {config.slot_stage:g} s (slots)"
@@ -1041,6 +1046,21 @@ def aws_calls(port: int) -> dict[str, tuple[int, float]]:
                 seconds += float(value)
             calls[op] = (count, seconds)
     return calls
+
+
+def mean_latencies(
+    before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]
+) -> dict[str, float]:
+    """Mean ms per UpdateItem (claims and writes) made between two ``aws_calls``
+    scrapes. (Receives are left out: the long polls that find nothing at the end of a
+    run last seconds.)"""
+    means = {}
+    for op in ("UpdateItem",):
+        count = after.get(op, (0, 0.0))[0] - before.get(op, (0, 0.0))[0]
+        seconds = after.get(op, (0, 0.0))[1] - before.get(op, (0, 0.0))[1]
+        if count > 0:
+            means[op] = seconds / count * 1000
+    return means
 
 
 def _clients(count: int) -> str:
