@@ -174,7 +174,12 @@ def test_stage_writes_and_lease_extensions_learn_of_a_cancel(stack: Stack) -> No
         await store.request_cancel("t1", project.project_id)
         if heartbeat:
             return [*seen, await store.extend_lease(token, 30)]
-        return [*seen, await store.save_stages(token, running)]
+        done = stage_finished(running, now=now_iso(), output={"x": 1})
+        refused = await store.save_stages(token, done)
+        after = await store.get("t1", project.project_id)
+        assert after is not None
+        assert after.stages[0].status is StageStatus.RUNNING  # the refused write wrote nothing
+        return [*seen, refused]
 
     async def scenario(store: DynamoProjectStore) -> list[list[bool]]:
         return [await first_write_after_a_cancel(store, heartbeat) for heartbeat in (False, True)]

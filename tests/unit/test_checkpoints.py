@@ -42,8 +42,10 @@ class HeldStore:
             await self.gate.wait()
             if self.fail_with:
                 raise self.fail_with.pop(0)
+            if self.cancel:
+                return True  # refused for a cancel: nothing written
             self.saves.append([(stage.name, stage.status) for stage in stages])
-            return self.cancel
+            return False
         finally:
             self.in_flight -= 1
 
@@ -169,17 +171,22 @@ def test_a_failed_write_keeps_its_snapshots_for_the_next_one_and_the_run_goes_on
     assert [event for event, _ in log.warnings] == ["checkpoint.write_failed"] * 2
 
 
-def test_a_cancel_reported_by_a_write_is_passed_on() -> None:
-    async def scenario() -> Calls:
+def test_a_write_refused_for_a_cancel_stops_the_run_and_its_snapshots_go_last() -> None:
+    async def scenario() -> tuple[HeldStore, Calls, list[StageSnapshot]]:
         store = HeldStore()
         calls = Calls()
         writer = calls.writer(store)
         store.cancel = True
         writer.write(snap("plan"))
         await settle_loop()
-        return calls
+        writer.write(snap("plan", SUCCEEDED), snap("generate"))  # not sent: cancelled
+        await settle_loop()
+        return store, calls, await writer.settle([snap("generate", PENDING)])
 
-    assert asyncio.run(scenario()).cancel == 1
+    store, calls, final = asyncio.run(scenario())
+    assert calls.cancel == 1
+    assert store.saves == []
+    assert statuses(final) == [("plan", SUCCEEDED), ("generate", PENDING)]
 
 
 def test_a_lost_lease_stops_the_run_and_every_later_write() -> None:

@@ -42,7 +42,8 @@ class FakeStore:
     """An in-memory StageWriter: records ``save_stages`` calls.
 
     ``fail_save_at``: the save with that index raises LeaseLostError.
-    ``cancel_after``: saves after that many report a cancel request.
+    ``cancel_after``: saves after that many are refused for a cancel request (True,
+    nothing recorded), as ``DynamoProjectStore.save_stages`` refuses them.
     """
 
     def __init__(self, fail_save_at: int | None = None, cancel_after: int | None = None) -> None:
@@ -53,8 +54,10 @@ class FakeStore:
     async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:
         if self.fail_save_at is not None and len(self.saves) == self.fail_save_at:
             raise LeaseLostError("save_stages: lease lost")
+        if self.cancel_after is not None and len(self.saves) >= self.cancel_after:
+            return True
         self.saves.append((token, stages))
-        return self.cancel_after is not None and len(self.saves) > self.cancel_after
+        return False
 
     def record(self, result: RunResult) -> dict[str, StageSnapshot]:
         """The stages as the table ends up: every save, then the final write's."""

@@ -660,9 +660,26 @@ class DynamoProjectStore:
         return project_from_item(item)
 
     async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:
-        """Write stage snapshots; returns whether a cancel has been requested."""
+        """Write stage snapshots, unless a cancel has been requested: then nothing is
+        written (the run's final write carries them) and this returns True.
+
+        The refusal itself tells of the cancel (with the item as it was), so the write
+        asks for nothing back: no copy of the stages map on every stage boundary.
+        """
         update = _Update().set_stages(stages).set("updated_at", iso(utcnow()))
-        return await self._fenced(token, update, "save_stages", want_cancel=True)
+        flag = update.name("cancel_requested")
+        not_cancelled = f"(attribute_not_exists({flag}) OR {flag} = {update.value(False)})"
+        try:
+            await self._fenced(token, update, "save_stages", also=not_cancelled)
+        except LeaseLostError as lost:
+            old = lost.item or {}
+            held = old.get("lease_owner", {}).get("S") == token.worker_id and old.get(
+                "attempt", {}
+            ).get("N") == str(token.attempt)
+            if held and old.get("cancel_requested", {}).get("BOOL", False):
+                return True
+            raise
+        return False
 
     async def extend_lease(self, token: RunToken, lease_seconds: float) -> bool:
         """Push the lease out; returns whether a cancel has been requested."""
@@ -801,15 +818,21 @@ class DynamoProjectStore:
     # -- conditional writes ------------------------------------------------------
 
     async def _fenced(
-        self, token: RunToken, update: _Update, what: str, *, want_cancel: bool = False
+        self,
+        token: RunToken,
+        update: _Update,
+        what: str,
+        *,
+        want_cancel: bool = False,
+        also: str | None = None,
     ) -> bool:
         """An UpdateItem that lands only while ``token`` still holds the project.
 
-        With ``want_cancel`` the result says whether a cancel was requested: workers
-        learn of cancels from writes they make anyway. These are most of a run's
-        writes, so they ask for the attributes they changed (UPDATED_NEW), not the
-        whole item; ``cancel_seen`` copies ``cancel_requested`` so that a new cancel
-        changes it and comes back. (An attribute written with its old value may not
+        ``also`` is ANDed into the condition. With ``want_cancel`` the result says
+        whether a cancel was requested (heartbeats learn of cancels this way): the
+        write asks for the attributes it changed (UPDATED_NEW), not the whole item;
+        ``cancel_seen`` copies ``cancel_requested`` so that a new cancel changes it
+        and comes back. (An attribute written with its old value may not
         come back: moto leaves it out, so the copy must change to be seen. A cancel
         seen once stays seen by the run; its claim reads the flag itself.)
         """
@@ -821,15 +844,18 @@ class DynamoProjectStore:
             f"{owner} = {update.value(token.worker_id)}"
             f" AND {attempt} = {update.value(token.attempt)}"
         )
+        if also is not None:
+            condition += f" AND {also}"
         key = project_key(token.tenant_id, token.project_id)
         try:
             item = await self._update(
                 key, update, condition, what=what, returns="UPDATED_NEW" if want_cancel else "NONE"
             )
-        except ConflictError:
+        except ConflictError as exc:
             raise LeaseLostError(
                 f"{what}: project {token.project_id} is no longer held by "
-                f"{token.worker_id} at attempt {token.attempt}"
+                f"{token.worker_id} at attempt {token.attempt}",
+                item=exc.item,
             ) from None
         return bool(item.get("cancel_seen", {}).get("BOOL", False))
 

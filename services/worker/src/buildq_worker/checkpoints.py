@@ -31,7 +31,9 @@ LINGER_SECONDS = 0.01
 class StageWriter(Protocol):
     """What the writer needs of the store (``ProjectStore.save_stages``)."""
 
-    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool: ...
+    async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool:
+        """Write them; True (and nothing written) if a cancel has been requested."""
+        ...
 
 
 def merged(*groups: Iterable[StageSnapshot]) -> list[StageSnapshot]:
@@ -65,6 +67,7 @@ class CheckpointWriter:
         self._lingering: asyncio.TimerHandle | None = None
         self._lost: LeaseLostError | None = None
         self._settling = False
+        self._cancelled = False  # a write was refused for a cancel: send no more
 
     def write(self, *stages: StageSnapshot) -> None:
         """Queue snapshots; returns at once. With no write in flight, one starts after
@@ -73,7 +76,7 @@ class CheckpointWriter:
             return  # another worker owns the project: write nothing more
         self._unwritten = merged(self._unwritten, stages)
         idle = self._writing is None or self._writing.done()
-        if idle and self._lingering is None:
+        if idle and self._lingering is None and not self._cancelled:
             loop = asyncio.get_running_loop()
             self._lingering = loop.call_later(self._linger, self._start)
 
@@ -82,8 +85,9 @@ class CheckpointWriter:
         self._writing = asyncio.create_task(self._write_all())
 
     async def _write_all(self) -> None:
-        # Once the run has ended, what is left goes with its final write instead.
-        while self._unwritten and not self._settling:
+        # Once the run has ended (or is cancelled), what is left goes with its final
+        # write instead.
+        while self._unwritten and not self._settling and not self._cancelled:
             batch, self._unwritten = self._unwritten, []
             try:
                 cancel = await self._store.save_stages(self._token, *batch)
@@ -100,7 +104,12 @@ class CheckpointWriter:
                 self._log.warning("checkpoint.write_failed", error=str(exc))
                 return
             if cancel:
+                # Refused: nothing landed. The run stops, and its final write carries
+                # these (and whatever follows) instead.
+                self._cancelled = True
+                self._unwritten = merged(batch, self._unwritten)
                 self._on_cancel()
+                return
 
     async def settle(self, final: Sequence[StageSnapshot] = ()) -> list[StageSnapshot]:
         """Wait for the write in flight, then return what is still unwritten, with
