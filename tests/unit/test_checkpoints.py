@@ -85,6 +85,19 @@ async def settle_loop() -> None:
         await asyncio.sleep(0)
 
 
+async def settling_behind_a_held_write(store: HeldStore) -> asyncio.Task[list[StageSnapshot]]:
+    """A run's first write in flight and held, its next snapshots queued behind it, and
+    the run ending: its ``settle`` task, waiting."""
+    writer = Calls().writer(store)
+    store.gate.clear()
+    writer.write(snap("plan"))
+    await settle_loop()
+    writer.write(snap("plan", SUCCEEDED), snap("generate"))
+    settling = asyncio.create_task(writer.settle([snap("generate", SUCCEEDED)]))
+    await settle_loop()
+    return settling
+
+
 def statuses(stages: list[StageSnapshot]) -> list[tuple[str, StageStatus]]:
     return [(stage.name, stage.status) for stage in stages]
 
@@ -120,13 +133,7 @@ def test_writes_while_one_is_in_flight_go_out_together_in_the_next() -> None:
 def test_settle_waits_for_the_write_in_flight_and_returns_the_rest_with_the_final() -> None:
     async def scenario() -> tuple[HeldStore, list[StageSnapshot]]:
         store = HeldStore()
-        writer = Calls().writer(store)
-        store.gate.clear()
-        writer.write(snap("plan"))
-        await settle_loop()
-        writer.write(snap("plan", SUCCEEDED), snap("generate"))
-        settling = asyncio.create_task(writer.settle([snap("generate", SUCCEEDED)]))
-        await settle_loop()
+        settling = await settling_behind_a_held_write(store)
         assert not settling.done()  # the write in flight must land first
         store.gate.set()
         return store, await settling
@@ -230,13 +237,7 @@ def test_a_lease_lost_while_settling_is_raised_without_stopping_the_run_again() 
 def test_a_stop_request_while_settling_neither_cuts_the_write_short_nor_loses_snapshots() -> None:
     async def scenario() -> tuple[HeldStore, list[StageSnapshot], bool]:
         store = HeldStore()
-        writer = Calls().writer(store)
-        store.gate.clear()
-        writer.write(snap("plan"))
-        await settle_loop()
-        writer.write(snap("plan", SUCCEEDED), snap("generate"))
-        settling = asyncio.create_task(writer.settle([snap("generate", SUCCEEDED)]))
-        await settle_loop()
+        settling = await settling_behind_a_held_write(store)
         settling.cancel()  # the worker draining, just as the run ended
         await settle_loop()
         store.gate.set()
