@@ -641,7 +641,7 @@ class Bench:
         )
         window = self.window(stack, first, last)
         per_slot = (last - first) * SLOTS / config.slot_projects * 1000
-        inside = overhead_parts(records, config.slot_stage)
+        inside = claim_to_last_stage(records, config.slot_stage)
         rest = per_slot - STAGES * config.slot_stage * 1000 - inside
         breakdown = (
             f"{per_slot - STAGES * config.slot_stage * 1000:.0f} ms above the stages: "
@@ -1011,7 +1011,7 @@ class Bench:
         self.sampler.close()
 
 
-def overhead_parts(records: Sequence[dict[str, Any]], stage_seconds: float) -> float:
+def claim_to_last_stage(records: Sequence[dict[str, Any]], stage_seconds: float) -> float:
     """Median over projects, ms: the project's start (its claim, which also starts the
     first stage) to its last stage's end, beyond the stages' own sleep."""
     spans = []
@@ -1148,10 +1148,6 @@ def cost_table(bench: Bench) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for (what, system), samples in bench.costs.items():
-
-        def per_unit(names: Sequence[str], samples: Any = samples) -> float | None:
-            return cpu_ms_per_unit(samples, names)
-
         others = []
         for shares, _ in samples:
             machine = shares.get("machine")
@@ -1159,10 +1155,10 @@ def cost_table(bench: Bench) -> list[str]:
                 ours = sum(v for k, v in shares.items() if k not in ("machine", "service") and v)
                 others.append(max(0.0, machine - ours))
         rate = statistics.median(r for _, r in samples)
-        service = per_unit(["service"])
+        service = cpu_ms_per_unit(samples, ["service"])
         lines.append(
-            f"| {what} | {system} | {rate:.1f} | {_ms(per_unit(['emulator']))} | "
-            f"{_ms(service)} | {_ms(per_unit(['load generator']))} | "
+            f"| {what} | {system} | {rate:.1f} | {_ms(cpu_ms_per_unit(samples, ['emulator']))} | "
+            f"{_ms(service)} | {_ms(cpu_ms_per_unit(samples, ['load generator']))} | "
             f"{_share(statistics.median(others) if others else None)} |"
         )
     return lines

@@ -672,12 +672,13 @@ class DynamoProjectStore:
         try:
             await self._fenced(token, update, "save_stages", also=not_cancelled)
         except LeaseLostError as lost:
-            old = lost.item or {}
-            held = old.get("lease_owner", {}).get("S") == token.worker_id and old.get(
-                "attempt", {}
-            ).get("N") == str(token.attempt)
-            if held and old.get("cancel_requested", {}).get("BOOL", False):
-                return True
+            old = project_from_item(lost.item) if lost.item else None
+            if (
+                old is not None
+                and (old.lease_owner, old.attempt) == (token.worker_id, token.attempt)
+                and old.cancel_requested
+            ):
+                return True  # still ours: refused only because of the cancel
             raise
         return False
 
