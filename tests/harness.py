@@ -203,10 +203,15 @@ class Stack:
 
     # -- resources -----------------------------------------------------------
 
-    def bootstrap(self) -> None:
-        """Create this stack's table and queues (in-process, over HTTP to the emulator)."""
+    def bootstrap(self, **overrides: Any) -> None:
+        """Create this stack's table and queues (in-process, over HTTP to the emulator);
+        again with ``overrides`` (``max_attempts``: the queue's redrive count) to
+        reconcile them."""
         settings = Settings(
-            table_name=self.table_name, queue_name=self.queue_name, dlq_name=self.dlq_name
+            table_name=self.table_name,
+            queue_name=self.queue_name,
+            dlq_name=self.dlq_name,
+            **overrides,
         )
 
         async def run() -> None:

@@ -296,6 +296,9 @@ def _check_no_overlap(stack: Stack, deaths: dict[str, float]) -> None:
 
 def test_chaos_kill_a_random_worker_every_second(stack: Stack) -> None:
     settings = {**FAST, "max_attempts": 50, "max_workflow_workers": 5}
+    # The queue's redrive backstop follows the attempt budget, as `buildq bootstrap`
+    # sets it in a deployment: every kill costs a message a receive.
+    stack.bootstrap(max_attempts=settings["max_attempts"])
     stack.start_api()
     deaths: dict[str, float] = {}
     rng = random.Random(7)
