@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from ulid import ULID
 from buildq.aws import aws_clients
 from buildq.clock import now_iso
 from buildq.errors import LeaseLostError
+from buildq.metrics import AWS_CALL_SECONDS
 from buildq.models import ErrorInfo, Project, ProjectStatus, StageStatus
 from buildq.settings import Settings
 from buildq.store import ClaimRefusedError, DynamoProjectStore, RunToken
@@ -385,3 +387,92 @@ def test_a_claim_with_a_start_stage_is_still_refused_when_leased(stack: Stack) -
     assert refused.refusal is ClaimRefusal.LEASED
     assert refused.current is not None
     assert refused.current.stages[0].worker_id == "w1"
+
+
+def _update_items() -> float:
+    """UpdateItem attempts this process has made so far, any outcome (its own metric)."""
+    return sum(
+        sample.value
+        for metric in AWS_CALL_SECONDS.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_count") and sample.labels["operation"] == "UpdateItem"
+    )
+
+
+def test_a_claim_on_the_right_hints_is_one_write_and_a_stale_one_costs_one_more(
+    stack: Stack,
+) -> None:
+    project = a_project()
+    first = project.stages[0].name
+
+    async def scenario(store: DynamoProjectStore) -> tuple[list[float], Project, Project]:
+        await store.create(project)
+        writes = [_update_items()]
+        got = await store.claim(
+            "t1", project.project_id, worker_id="w1", lease_seconds=30, start=first
+        )
+        writes.append(_update_items())
+        await store.release(RunToken("t1", project.project_id, "w1", got.attempt))
+        writes.append(_update_items())
+        # A message sent before that claim: it saw attempt 0, the project is at 1.
+        again = await store.claim(
+            "t1", project.project_id, worker_id="w2", lease_seconds=30, start=first
+        )
+        writes.append(_update_items())
+        return writes, got, again
+
+    writes, got, again = run(scenario, stack)
+    assert [b - a for a, b in itertools.pairwise(writes)] == [1, 1, 2]
+    assert (got.attempt, got.stages[0].attempt, got.stages[0].status) == (
+        1,
+        1,
+        StageStatus.RUNNING,
+    )
+    assert (again.attempt, again.lease_owner) == (2, "w2")
+    assert (again.stages[0].attempt, again.stages[0].worker_id) == (2, "w2")
+
+
+def test_a_hinted_claim_of_a_missing_project_creates_nothing(stack: Stack) -> None:
+    project_id = str(ULID())
+
+    async def scenario(store: DynamoProjectStore) -> tuple[ClaimRefusal, Project | None]:
+        with pytest.raises(ClaimRefusedError) as refused:
+            await store.claim(
+                "t1", project_id, worker_id="w1", lease_seconds=30, start="plan", seen_attempt=0
+            )
+        return refused.value.refusal, await store.get("t1", project_id)
+
+    refusal, after = run(scenario, stack)
+    assert refusal is ClaimRefusal.MISSING
+    assert after is None
+
+
+def test_claims_on_stale_hints_still_let_only_one_worker_win(stack: Stack) -> None:
+    project = a_project()
+
+    async def scenario(store: DynamoProjectStore) -> tuple[int, Project | None]:
+        await store.create(project)
+        first = await store.claim("t1", project.project_id, worker_id="w0", lease_seconds=30)
+        await store.release(RunToken("t1", project.project_id, "w0", first.attempt))
+
+        async def claim(worker: str) -> int:
+            try:
+                await store.claim(
+                    "t1",
+                    project.project_id,
+                    worker_id=worker,
+                    lease_seconds=30,
+                    start=project.stages[0].name,
+                    seen_attempt=0,  # stale: the project is at attempt 1
+                )
+            except ClaimRefusedError:
+                return 0
+            return 1
+
+        winners = sum(await asyncio.gather(*(claim(f"w{i}") for i in range(1, 9))))
+        return winners, await store.get("t1", project.project_id)
+
+    winners, after = run(scenario, stack)
+    assert winners == 1
+    assert after is not None
+    assert after.attempt == 2

@@ -68,6 +68,7 @@ def test_encoded_json_has_exactly_the_contract_keys() -> None:
         "enqueued_at",
         "traceparent",
         "next_stage",
+        "attempt",
     }
     assert body["schema"] == 1
     assert isinstance(body["schema"], int)
@@ -77,9 +78,20 @@ def test_encoded_json_has_exactly_the_contract_keys() -> None:
     assert body["traceparent"] == TRACEPARENT
 
 
-def test_next_stage_is_carried_as_a_hint() -> None:
-    hinted = decode(build_message("t", "p", BuildReason.CREATE, next_stage="plan").encode())
-    assert hinted.next_stage == "plan"
+def test_next_stage_and_attempt_are_carried_as_hints() -> None:
+    hinted = decode(
+        build_message("t", "p", BuildReason.CREATE, next_stage="plan", attempt=0).encode()
+    )
+    assert (hinted.next_stage, hinted.attempt) == ("plan", 0)
+    assert build_message("t", "p", BuildReason.SWEEP).attempt is None
+
+
+@pytest.mark.parametrize("attempt", [-1, 1.5, "two"])
+def test_an_attempt_hint_that_is_not_a_count_is_refused(attempt: object) -> None:
+    body = json.loads(build_message("t", "p", BuildReason.CREATE).encode())
+    body["attempt"] = attempt
+    with pytest.raises(MessageError, match="attempt"):
+        decode(json.dumps(body))
 
 
 def test_encoded_json_keeps_a_null_traceparent() -> None:
@@ -128,6 +140,7 @@ def test_decode_ignores_unknown_fields() -> None:
         "enqueued_at",
         "traceparent",
         "next_stage",
+        "attempt",
     }
 
 

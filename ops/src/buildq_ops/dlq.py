@@ -37,6 +37,7 @@ from buildq.queue import (
     ReceivedMessage,
 )
 from buildq.store import ProjectStore
+from buildq.transitions import pending_stages
 
 log = structlog.get_logger()
 
@@ -249,7 +250,7 @@ async def _replay_one(queue: BuildQueue, store: ProjectStore, entry: DeadLetterE
     assert entry.tenant_id is not None
     assert entry.project_id is not None
     try:
-        await store.replay(entry.tenant_id, entry.project_id)
+        replayed = await store.replay(entry.tenant_id, entry.project_id)
     except NotFoundError:
         return "project not found"  # kept in the DLQ: nothing to replay it into
     except ConflictError:
@@ -259,7 +260,15 @@ async def _replay_one(queue: BuildQueue, store: ProjectStore, entry: DeadLetterE
         status = current.status.value if current else "gone"
         await queue.delete(entry.receipt_handle, dlq=True)
         return f"project is {status}, not FAILED"
-    await queue.send(build_message(entry.tenant_id, entry.project_id, BuildReason.REPLAY))
+    await queue.send(
+        build_message(
+            entry.tenant_id,
+            entry.project_id,
+            BuildReason.REPLAY,
+            next_stage=next(iter(pending_stages(replayed)), None),
+            attempt=replayed.attempt,
+        )
+    )
     crash_point("dlq.replay.after_send")
     await queue.delete(entry.receipt_handle, dlq=True)
     return None

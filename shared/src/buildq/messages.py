@@ -27,7 +27,7 @@ class BuildReason(StrEnum):
 
 class BuildMessage(BaseModel):
     """``{"schema": 1, "tenant_id", "project_id", "reason", "enqueued_at", "traceparent",
-    "next_stage"}``"""
+    "next_stage", "attempt"}``"""
 
     # Unknown fields are ignored so a newer producer of the same schema version
     # can add optional fields without poisoning older consumers.
@@ -39,9 +39,11 @@ class BuildMessage(BaseModel):
     reason: BuildReason
     enqueued_at: str = Field(default_factory=now_iso)
     traceparent: str | None = None
-    # A hint, not the truth: the stage the project will likely run next, which the
-    # claim marks RUNNING in the same write. A stale hint costs the claim one retry.
+    # Hints, not the truth: the stage the project will likely run next, which the claim
+    # marks RUNNING in the same write, and the attempt the project was at when this was
+    # sent (absent: 0, a new project). A stale hint costs the claim one more try.
     next_stage: str | None = Field(default=None, max_length=128)
+    attempt: StrictInt | None = Field(default=None, ge=0)
 
     @field_validator("schema_version")
     @classmethod
@@ -61,6 +63,7 @@ def build_message(
     traceparent: str | None = None,
     *,
     next_stage: str | None = None,
+    attempt: int | None = None,
 ) -> BuildMessage:
     return BuildMessage.model_validate(
         {
@@ -70,6 +73,7 @@ def build_message(
             "reason": reason,
             "traceparent": traceparent,
             "next_stage": next_stage,
+            "attempt": attempt,
         }
     )
 

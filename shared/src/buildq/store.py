@@ -48,6 +48,7 @@ from buildq.transitions import ClaimRefusal, check_transition, claim_refusal, pe
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 WORKERS_PK = "WORKERS"  # one partition: a Query lists the fleet
 LIST_MAX_QUERIES = 5
+CLAIM_TRIES = 3  # on the hints, on the truth, and once more if it moved meanwhile
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -124,6 +125,7 @@ class ProjectStore(Protocol):
         worker_id: str,
         lease_seconds: float,
         start: str | None = None,
+        seen_attempt: int = 0,
     ) -> Project: ...
     async def save_stages(self, token: RunToken, *stages: StageSnapshot) -> bool: ...
     async def extend_lease(self, token: RunToken, lease_seconds: float) -> bool: ...
@@ -190,21 +192,12 @@ class _Update:
             self.sets.append(f"{path} = {self.value(stage_to_plain(stage))}")
         return self
 
-    def start_stage(self, stage: str, *, worker_id: str, now: str) -> str:
-        """Mark ``stage`` RUNNING for the attempt this update increments (field by field:
-        its attempt is computed from the item's); returns the condition to AND in: the
-        stage exists and is not done."""
-        path = f"{self.name('stages')}.{self.name(stage)}"
+    def start_stage(self, stage: StageSnapshot) -> str:
+        """Set ``stage`` (its RUNNING snapshot) as one map, which is what a stage write
+        would store; returns the condition to AND in: the stage exists, not yet done."""
+        path = f"{self.name('stages')}.{self.name(stage.name)}"
+        self.sets.append(f"{path} = {self.value(stage_to_plain(stage))}")
         state = f"{path}.{self.name('status')}"
-        attempt = self.name("attempt")
-        self.sets += [
-            f"{state} = {self.value(StageStatus.RUNNING.value)}",
-            f"{path}.{self.name('attempt')} = if_not_exists({attempt}, {self.value(0)})"
-            f" + {self.value(1)}",
-            f"{path}.{self.name('worker_id')} = {self.value(worker_id)}",
-            f"{path}.{self.name('started_at')} = {self.value(now)}",
-        ]
-        self.removes += [f"{path}.{self.name('finished_at')}", f"{path}.{self.name('error')}"]
         allowed = (StageStatus.PENDING, StageStatus.RUNNING, StageStatus.FAILED)
         return f" AND {state} IN ({', '.join(self.value(status.value) for status in allowed)})"
 
@@ -221,12 +214,27 @@ class _Update:
         return " ".join(parts)
 
 
-class _WrongStageError(Exception):
-    """A claim refused only because its ``start`` stage was already done."""
+@dataclass(frozen=True)
+class _ClaimHint:
+    """What a claim assumes of the project: the attempt it is at, and the first stage
+    it will run (None: the claim starts no stage)."""
 
-    def __init__(self, first: str | None) -> None:
-        super().__init__(first)
-        self.first = first
+    attempt: int
+    stage: str | None
+
+    def corrected(self, project: Project) -> _ClaimHint:
+        """The truth, from the item a refused claim read: its attempt, and its first
+        pending stage (only if this hint named a stage at all)."""
+        first = next(iter(pending_stages(project)), None)
+        return _ClaimHint(project.attempt, first if self.stage is not None else None)
+
+
+class _WrongHintError(Exception):
+    """A claim refused only because it assumed the wrong attempt or first stage."""
+
+    def __init__(self, truth: _ClaimHint) -> None:
+        super().__init__(truth)
+        self.truth = truth
 
 
 class DynamoProjectStore:
@@ -598,19 +606,25 @@ class DynamoProjectStore:
         worker_id: str,
         lease_seconds: float,
         start: str | None = None,
+        seen_attempt: int = 0,
     ) -> Project:
         """Take the lease and the next attempt, or raise ``ClaimRefusedError`` saying why.
 
-        ``start`` names the stage the run will likely begin with (the message's hint):
-        the same write marks it RUNNING for the new attempt, which saves the run its
-        first stage write. A wrong guess (that stage is already done) costs one more
-        try, with the right stage, read from the refused write's old item.
+        ``start`` and ``seen_attempt`` are the message's hints: the stage the run will
+        likely begin with, and the attempt the project was at when the message was sent
+        (0: a new project). The claim is one write that assumes both. It sets the next
+        attempt outright, conditional on the one seen (so two claims never both win),
+        and marks ``start`` RUNNING for it, which saves the run its first stage write. A
+        stale hint costs one more try, with the truth read from the refused write's old
+        item.
         """
-        try:
-            return await self._claim(tenant_id, project_id, worker_id, lease_seconds, start)
-        except _WrongStageError as wrong:
-            # Claimable: only the guess was wrong. Once more, with the right stage.
-            return await self._claim(tenant_id, project_id, worker_id, lease_seconds, wrong.first)
+        hint = _ClaimHint(seen_attempt, start)
+        for _ in range(CLAIM_TRIES):
+            try:
+                return await self._claim(tenant_id, project_id, worker_id, lease_seconds, hint)
+            except _WrongHintError as wrong:
+                hint = wrong.truth  # claimable: only the guess was wrong
+        raise ConflictError(f"project {project_id} kept changing under its claim; try again")
 
     async def _claim(
         self,
@@ -618,17 +632,18 @@ class DynamoProjectStore:
         project_id: str,
         worker_id: str,
         lease_seconds: float,
-        start: str | None,
+        hint: _ClaimHint,
     ) -> Project:
         now = utcnow()
         now_ms = epoch_ms(now)
         expires = now_ms + int(lease_seconds * 1000)
         token = uuid.uuid4().hex  # tells a retry of this claim from someone else's
+        attempt = hint.attempt + 1
         update = (
             _Update()
             .set("status", ProjectStatus.BUILDING.value)
             .set("claim_token", token)
-            .increment("attempt")
+            .set("attempt", attempt)
             .set("lease_owner", worker_id)
             .set("lease_expires_at", expires)
             .set("worker_id", worker_id)
@@ -638,13 +653,22 @@ class DynamoProjectStore:
         started = update.name("started_at")
         update.sets.append(f"{started} = if_not_exists({started}, {update.value(iso(now))})")
         status, lease = update.name("status"), update.name("lease_expires_at")
+        # Every project item has an attempt: comparing it also refuses a missing one.
         condition = (
-            f"attribute_exists(pk) AND ({status} = {update.value(ProjectStatus.QUEUED.value)}"
+            f"{update.name('attempt')} = {update.value(hint.attempt)}"
+            f" AND ({status} = {update.value(ProjectStatus.QUEUED.value)}"
             f" OR ({status} = {update.value(ProjectStatus.BUILDING.value)}"
             f" AND {lease} < {update.value(now_ms)}))"
         )
-        if start is not None:
-            condition += update.start_stage(start, worker_id=worker_id, now=iso(now))
+        if hint.stage is not None:
+            running = StageSnapshot(
+                name=hint.stage,
+                status=StageStatus.RUNNING,
+                attempt=attempt,
+                worker_id=worker_id,
+                started_at=iso(now),
+            )
+            condition += update.start_stage(running)
         try:
             item = await self._update(
                 project_key(tenant_id, project_id), update, condition, what="claim"
@@ -654,8 +678,8 @@ class DynamoProjectStore:
                 return project_from_item(exc.item)  # a retry: the first try had landed
             current = project_from_item(exc.item) if exc.item else None
             refusal = claim_refusal(current, now_ms)
-            if refusal is None and start is not None and current is not None:
-                raise _WrongStageError(next(iter(pending_stages(current)), None)) from None
+            if refusal is None and current is not None:
+                raise _WrongHintError(hint.corrected(current)) from None
             raise ClaimRefusedError(refusal or ClaimRefusal.LEASED, current) from None
         return project_from_item(item)
 

@@ -304,6 +304,7 @@ class Worker:
                 worker_id=self.settings.worker_id,
                 lease_seconds=self.settings.lease_seconds,
                 start=build.next_stage,
+                seen_attempt=build.attempt or 0,
             )
         except ClaimRefusedError as exc:
             await self._refused(run, build, exc)
@@ -435,7 +436,9 @@ class Worker:
             await self.store.requeue(token, error=result.error, stages=result.stages)
             if run.message_deleted:
                 await self.queue.send(
-                    build_message(token.tenant_id, token.project_id, BuildReason.RETRY),
+                    build_message(
+                        token.tenant_id, token.project_id, BuildReason.RETRY, attempt=token.attempt
+                    ),
                     delay_seconds=math.ceil(min(delay, SQS_MAX_DELAY)),
                 )
             else:
@@ -479,7 +482,11 @@ class Worker:
         token = run.token
         assert token is not None
         await self.store.release(token, stages=result.stages)
-        await self.queue.send(build_message(token.tenant_id, token.project_id, BuildReason.RELEASE))
+        await self.queue.send(
+            build_message(
+                token.tenant_id, token.project_id, BuildReason.RELEASE, attempt=token.attempt
+            )
+        )
         self._delete(run)
         metrics.MESSAGES_RELEASED.inc()
         log.info("project.released")

@@ -137,7 +137,13 @@ async def create_project(
     try:
         first = project.stages[0].name if project.stages else None
         await queue.send(
-            build_message(tenant, project.project_id, BuildReason.CREATE, next_stage=first)
+            build_message(
+                tenant,
+                project.project_id,
+                BuildReason.CREATE,
+                next_stage=first,
+                attempt=project.attempt,
+            )
         )
     except UnavailableError as exc:
         # The record is the truth and is safely written: the sweeper enqueues
