@@ -37,7 +37,7 @@ from buildq.queue import (
     ReceivedMessage,
 )
 from buildq.store import ProjectStore
-from buildq.transitions import pending_stages
+from buildq.transitions import next_stage
 
 log = structlog.get_logger()
 
@@ -265,7 +265,7 @@ async def _replay_one(queue: BuildQueue, store: ProjectStore, entry: DeadLetterE
             entry.tenant_id,
             entry.project_id,
             BuildReason.REPLAY,
-            next_stage=next(iter(pending_stages(replayed)), None),
+            next_stage=next_stage(replayed),
             attempt=replayed.attempt,
         )
     )

@@ -43,7 +43,7 @@ from buildq.models import (
     WorkerInfo,
 )
 from buildq.settings import Settings
-from buildq.transitions import ClaimRefusal, check_transition, claim_refusal, pending_stages
+from buildq.transitions import ClaimRefusal, check_transition, claim_refusal, next_stage
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 WORKERS_PK = "WORKERS"  # one partition: a Query lists the fleet
@@ -225,8 +225,8 @@ class _ClaimHint:
     def corrected(self, project: Project) -> _ClaimHint:
         """The truth, from the item a refused claim read: its attempt, and its first
         pending stage (only if this hint named a stage at all)."""
-        first = next(iter(pending_stages(project)), None)
-        return _ClaimHint(project.attempt, first if self.stage is not None else None)
+        first = next_stage(project) if self.stage is not None else None
+        return _ClaimHint(project.attempt, first)
 
 
 class _WrongHintError(Exception):

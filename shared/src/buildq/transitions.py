@@ -120,6 +120,11 @@ def pending_stages(project: Project) -> list[str]:
     return [stage.name for stage in project.stages if stage.status not in done]
 
 
+def next_stage(project: Project) -> str | None:
+    """The stage the project runs next (a message's ``next_stage`` hint), or None."""
+    return next(iter(pending_stages(project)), None)
+
+
 def stage_started(stage: StageSnapshot, *, attempt: int, worker_id: str, now: str) -> StageSnapshot:
     return stage.model_copy(
         update={
