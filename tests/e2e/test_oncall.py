@@ -152,6 +152,13 @@ def test_a_replay_killed_between_send_and_delete_loses_nothing_and_runs_once(
     # The project is QUEUED with its new message, and the DLQ message is still there.
     assert cli_json(stack, "projects", "get", project_id)["status"] == "QUEUED"
     assert stack.queue_depth()["visible"] == 1
+    # The new message carries the claim's hints: the project's attempt and the stage
+    # that failed (the first still to run). Peeked with visibility 0: it stays queued.
+    (peeked,) = stack.client("sqs").receive_message(
+        QueueUrl=stack.queue_url(), VisibilityTimeout=0, WaitTimeSeconds=0
+    )["Messages"]
+    hints = json.loads(peeked["Body"])
+    assert (hints["reason"], hints["attempt"], hints["next_stage"]) == ("replay", 1, "build")
     wait_until(lambda: len(cli_json(stack, "dlq", "list")) == 1, timeout=15)
     # Run again: the stale DLQ message is cleared, nothing is sent twice.
     again = cli_json(stack, "dlq", "replay", "--all", "--yes")
