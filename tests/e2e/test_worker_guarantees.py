@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import signal
 import time
@@ -266,6 +267,12 @@ def test_a_second_sigterm_releases_at_once(stack: Stack) -> None:
     assert released["releases"] == 1
     depth = stack.queue_depth()
     assert depth["visible"] == 1, depth  # a fresh message, visible at once
+    # It hints the attempt the project is at, so the next claim needs no second try.
+    (peeked,) = stack.client("sqs").receive_message(
+        QueueUrl=stack.queue_url(), VisibilityTimeout=0, WaitTimeSeconds=0
+    )["Messages"]
+    hints = json.loads(peeked["Body"])
+    assert (hints["reason"], hints["attempt"]) == ("release", released["attempt"])
 
 
 def _check_no_overlap(stack: Stack, deaths: dict[str, float]) -> None:
