@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.proxy import FaultProxy
 from tests.harness import Stack, aws_env, running_emulator
 
 
@@ -70,3 +71,12 @@ def make_module_stack(emulator: str, tmp_path_factory: pytest.TempPathFactory) -
     stack.start_api()
     yield stack
     stack.stop()
+
+
+@pytest.fixture
+def fault_proxy(emulator: str) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session's emulator, stopped after the test. Route a
+    stack's processes through it with ``stack.via(fault_proxy.url)`` before starting
+    them; the test's own boto3 clients keep talking to the emulator directly."""
+    with FaultProxy(upstream=emulator) as proxy:
+        yield proxy

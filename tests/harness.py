@@ -164,13 +164,24 @@ def running_emulator(log_dir: Path, port: int | None = None) -> Iterator[str]:
 @dataclass
 class Stack:
     """One isolated buildq deployment on the shared emulator: its own table and
-    queues, and whatever API and worker processes a test starts."""
+    queues, and whatever API and worker processes a test starts.
+
+    ``endpoint`` is where bootstrap and the test's own inspection (``client``,
+    ``with_store``) go. The processes the stack starts (API, workers, CLI) use
+    ``process_endpoint`` when it is set (``via``), e.g. a ``FaultProxy`` in front of
+    the emulator, so a test injects faults into them and still sees the truth."""
 
     endpoint: str
     log_dir: Path
     suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     procs: list[Proc] = field(default_factory=list)
     api_url: str | None = None
+    process_endpoint: str | None = None
+
+    def via(self, endpoint: str) -> Stack:
+        """Processes started from now on talk to AWS through ``endpoint``."""
+        self.process_endpoint = endpoint
+        return self
 
     @property
     def table_name(self) -> str:
@@ -187,7 +198,7 @@ class Stack:
     def env(self, **overrides: Any) -> dict[str, str]:
         env = {
             **os.environ,
-            **aws_env(self.endpoint),
+            **aws_env(self.process_endpoint or self.endpoint),
             "PYTHONUNBUFFERED": "1",
             "BUILDQ_TABLE_NAME": self.table_name,
             "BUILDQ_QUEUE_NAME": self.queue_name,
