@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import platform
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
 from botocore.loaders import create_loader
 from botocore.regions import EndpointResolver
 
-from buildq.aws import ENDPOINT_PREFIXES, RetryPolicy, aws_session
+from buildq.aws import ENDPOINT_PREFIXES, RetryPolicy, aws_session, translate_errors
 from buildq.errors import ConflictError, ResourceMissingError, UnavailableError
 from buildq.memory import limit_malloc_arenas
 from buildq.settings import Settings
@@ -98,6 +100,201 @@ def test_cancellation_is_not_retried() -> None:
 
     asyncio.run(main())
     assert len(calls) == 1
+
+
+# -- the budget is a hard deadline ---------------------------------------------------
+
+
+def timed_run(
+    policy: RetryPolicy, operation: str, fn: Callable[..., Awaitable[Any]], **kw: Any
+) -> tuple[Any, float]:
+    """What a call answered (or the UnavailableError it raised), and how long it took."""
+    started = time.monotonic()
+    try:
+        return asyncio.run(policy.call(operation, fn, **kw)), time.monotonic() - started
+    except UnavailableError as exc:
+        return exc, time.monotonic() - started
+
+
+def test_a_call_that_never_answers_is_cut_at_the_budget() -> None:
+    calls: list[int] = []
+
+    async def hangs() -> None:
+        calls.append(1)
+        await asyncio.sleep(60)
+
+    outcome, took = timed_run(RetryPolicy(attempts=3, budget_seconds=0.3), "PutItem", hangs)
+    assert isinstance(outcome, UnavailableError)
+    assert 0.25 <= took < 1.0, took
+    assert len(calls) == 1  # the first attempt had the whole budget: nothing left to retry
+
+
+def test_a_retry_gets_what_is_left_of_the_budget() -> None:
+    calls: list[float] = []
+    started = time.monotonic()
+
+    async def slow_error_then_hang() -> None:
+        calls.append(time.monotonic() - started)
+        if len(calls) == 1:
+            await asyncio.sleep(0.2)
+            raise UnavailableError("503")
+        await asyncio.sleep(60)
+
+    outcome, took = timed_run(
+        RetryPolicy(attempts=3, budget_seconds=0.5), "PutItem", slow_error_then_hang
+    )
+    assert isinstance(outcome, UnavailableError)
+    assert len(calls) == 2
+    assert 0.45 <= took < 1.0, took
+
+
+def test_a_long_poll_gets_its_wait_on_top_of_the_budget() -> None:
+    async def long_poll(**kwargs: Any) -> str:
+        await asyncio.sleep(0.6)
+        return "messages"
+
+    policy = RetryPolicy(attempts=1, budget_seconds=0.2)
+    outcome, _ = timed_run(policy, "ReceiveMessage", long_poll, WaitTimeSeconds=1)
+    assert outcome == "messages"
+    # A ReceiveMessage that names no wait may get the queue's own (up to 20 s).
+    outcome, _ = timed_run(policy, "SQS.ReceiveMessage", long_poll)
+    assert outcome == "messages"
+    # A short poll has no allowance: its wait is part of the budget.
+    outcome, took = timed_run(policy, "ReceiveMessage", long_poll, WaitTimeSeconds=0)
+    assert isinstance(outcome, UnavailableError)
+    assert took < 0.5, took
+
+
+def test_a_caller_may_give_a_call_a_longer_allowance() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def slow(**kwargs: Any) -> str:
+        seen.append(kwargs)
+        await asyncio.sleep(0.4)
+        return "done"
+
+    policy = RetryPolicy(attempts=1, budget_seconds=0.1)
+    assert timed_run(policy, "Scan", slow, allowance=1.0, TableName="t")[0] == "done"
+    assert seen == [{"TableName": "t"}]  # the allowance is the policy's, not the call's
+    assert isinstance(timed_run(policy, "Scan", slow, TableName="t")[0], UnavailableError)
+
+
+def test_waiting_for_a_slot_counts_against_the_budget() -> None:
+    async def main() -> float:
+        client, policy = FakeClient(), RetryPolicy(budget_seconds=0.2, max_in_flight=1)
+        holder = asyncio.create_task(policy.call("op", client.put_item, allowance=60, n=0))
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            await policy.call("DynamoDB.PutItem", client.put_item, n=1)
+        took = time.monotonic() - started
+        assert client.started == [0]  # the waiting call never reached the client
+        client.release.set()
+        assert await holder == 0
+        return took
+
+    assert 0.15 <= asyncio.run(main()) < 0.5
+
+
+# -- what a cancelled transaction means --------------------------------------------
+
+
+def cancelled(*codes: str, message: str | None = None, with_reasons: bool = True) -> ClientError:
+    reasons: list[dict[str, Any]] = [
+        {"Code": code, **({"Item": {"pk": {"S": "x"}}} if code == "ConditionalCheckFailed" else {})}
+        for code in codes
+    ]
+    response: dict[str, Any] = {
+        "Error": {
+            "Code": "TransactionCanceledException",
+            "Message": message
+            or f"Transaction cancelled, please refer cancellation reasons for specific "
+            f"reasons [{', '.join(codes)}]",
+        },
+        "ResponseMetadata": {"HTTPStatusCode": 400},
+    }
+    if with_reasons:
+        response["CancellationReasons"] = reasons
+    return ClientError(response, "TransactWriteItems")  # type: ignore[arg-type]
+
+
+def translated(error: BaseException) -> BaseException:
+    try:
+        with translate_errors("TransactWriteItems"):
+            raise error
+    except BaseException as exc:
+        return exc
+    raise AssertionError("translate_errors swallowed the error")  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    "codes",
+    [
+        ("None", "ThrottlingError"),
+        ("TransactionConflict", "None"),
+        ("ProvisionedThroughputExceeded", "None"),
+        ("None", "RequestLimitExceeded"),
+    ],
+    ids=lambda codes: "+".join(codes),
+)
+def test_a_transaction_cancelled_for_a_transient_reason_is_unavailable(
+    codes: tuple[str, ...],
+) -> None:
+    error = translated(cancelled(*codes))
+    assert type(error) is UnavailableError
+    assert all(code in str(error) for code in codes)
+    # The same from an endpoint that names the reasons in its message only.
+    assert type(translated(cancelled(*codes, with_reasons=False))) is UnavailableError
+
+
+@pytest.mark.parametrize(
+    "codes",
+    [("None", "ConditionalCheckFailed"), ("ConditionalCheckFailed", "TransactionConflict")],
+    ids=lambda codes: "+".join(codes),
+)
+def test_a_transaction_whose_condition_failed_is_a_conflict_with_the_refused_item(
+    codes: tuple[str, ...],
+) -> None:
+    error = translated(cancelled(*codes))
+    assert isinstance(error, ConflictError)
+    assert error.item == {"pk": {"S": "x"}}
+    assert isinstance(translated(cancelled(*codes, with_reasons=False)), ConflictError)
+
+
+def test_a_transaction_cancelled_for_no_known_reason_stays_a_conflict() -> None:
+    error = translated(cancelled(message="Transaction cancelled", with_reasons=False))
+    assert isinstance(error, ConflictError)
+
+
+def test_a_transaction_that_can_never_pass_is_not_retried_as_unavailable() -> None:
+    error = translated(cancelled("ValidationError", "None"))
+    assert isinstance(error, ClientError)
+
+
+@pytest.mark.parametrize("code", ["TransactionInProgressException", "TransactionConflictException"])
+def test_a_transaction_under_way_is_unavailable(code: str) -> None:
+    response: Any = {
+        "Error": {"Code": code, "Message": "busy"},
+        "ResponseMetadata": {"HTTPStatusCode": 400},
+    }
+    error = ClientError(response, "TransactWriteItems")
+    assert type(translated(error)) is UnavailableError
+
+
+def test_a_throttled_transaction_is_retried_until_it_passes() -> None:
+    raised: list[int] = []
+
+    async def transact_write_items() -> str:
+        raised.append(1)
+        if len(raised) < 3:
+            with translate_errors("TransactWriteItems"):
+                raise cancelled(
+                    "None", "ThrottlingError" if len(raised) == 1 else "TransactionConflict"
+                )
+        return "written"
+
+    assert run(RetryPolicy(attempts=3), transact_write_items) == "written"
+    assert len(raised) == 3
 
 
 class FakeClient:

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import (
@@ -26,11 +27,12 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
-from buildq.errors import ConflictError, ResourceMissingError, UnavailableError
+from buildq.errors import BuildqError, ConflictError, ResourceMissingError, UnavailableError
+from buildq.limits import too_large_error
 from buildq.metrics import AWS_CALL_SECONDS, aws_operation
 from buildq.settings import Settings
 
@@ -52,7 +54,15 @@ class RetryPolicy:
     that many calls per client are under way at once, the rest wait their turn here,
     first come first served. The pool would make them wait anyway, but only after
     botocore has built, signed and handed each one to aiohttp: under a burst (the API
-    at 256 concurrent creates) those waiting requests held about 3 MiB."""
+    at 256 concurrent creates) those waiting requests held about 3 MiB.
+
+    The budget is also a hard deadline: each attempt (its wait for a slot included)
+    gets what is left of it, and one that has not answered by then is cut and counts
+    as unavailable. So an endpoint that accepts and never answers costs a caller its
+    budget, not botocore's read timeout (the API's 5 s), exactly like one that refuses
+    connections. A long poll is given its wait on top (``allowance``: by default a
+    call's ``WaitTimeSeconds``, and SQS's 20 s for a ReceiveMessage without one), so a
+    worker's 20 s ReceiveMessage is never cut by its 10 s budget."""
 
     attempts: int = 3
     budget_seconds: float = 10.0
@@ -69,10 +79,23 @@ class RetryPolicy:
             max_in_flight=settings.aws_max_pool_connections,
         )
 
-    async def call(self, operation: str, fn: Callable[..., Awaitable[T]], /, **kwargs: Any) -> T:
+    async def call(
+        self,
+        operation: str,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *,
+        allowance: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``fn(**kwargs)``, retried while AWS is unavailable, within the budget (plus
+        ``allowance`` for a long poll; see the class)."""
         started = time.monotonic()
+        if allowance is None:
+            allowance = _long_poll_seconds(operation, kwargs)
+        deadline = asyncio.get_running_loop().time() + self.budget_seconds + allowance
         try:
-            return await self._attempt(operation, fn, kwargs)
+            return await self._attempt(operation, fn, kwargs, deadline)
         except UnavailableError as exc:
             if not _transient(exc) or self.attempts <= 1:
                 raise
@@ -80,10 +103,11 @@ class RetryPolicy:
         # Only a failed first try builds a retrying object: one per call is a web of
         # reference cycles that, under load, piles up in the oldest GC generation.
         # tenacity counts that first try as its attempt 1 (re-raised, not re-run).
+        # stop_before_delay: no backoff sleeps past the budget, only to be cut.
         retrying = AsyncRetrying(
             retry=retry_if_exception(_transient),
             stop=stop_after_attempt(self.attempts)
-            | stop_after_delay(max(0.0, self.budget_seconds - (time.monotonic() - started))),
+            | stop_before_delay(max(0.0, self.budget_seconds - (time.monotonic() - started))),
             wait=wait_random_exponential(multiplier=0.05, max=1.0),
             reraise=True,
         )
@@ -92,17 +116,27 @@ class RetryPolicy:
                 if failed is not None:
                     error, failed = failed, None
                     raise error
-                return await self._attempt(operation, fn, kwargs)
+                return await self._attempt(operation, fn, kwargs, deadline)
         raise AssertionError("unreachable")  # pragma: no cover: reraise=True
 
     async def _attempt(
-        self, operation: str, fn: Callable[..., Awaitable[T]], kwargs: dict[str, Any]
+        self,
+        operation: str,
+        fn: Callable[..., Awaitable[T]],
+        kwargs: dict[str, Any],
+        deadline: float,
     ) -> T:
         # timed() sees the translated error: it sits outside translate_errors(). It
-        # includes the wait for a slot, as it included the wait for a pooled connection.
-        with timed(operation), translate_errors(operation):
-            async with self._slot(fn):
-                return await fn(**kwargs)
+        # includes the wait for a slot, as it included the wait for a pooled connection;
+        # so does the deadline.
+        with timed(operation):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    with translate_errors(operation):
+                        async with self._slot(fn):
+                            return await fn(**kwargs)
+            except TimeoutError as exc:  # the deadline's, or botocore's own timeout
+                raise UnavailableError(f"{operation}: no answer within the time budget") from exc
 
     def _slot(self, fn: Callable[..., Awaitable[Any]]) -> AbstractAsyncContextManager[Any]:
         if self.max_in_flight is None:
@@ -144,6 +178,20 @@ def _outcome(exc: BaseException) -> str:
 
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, UnavailableError) and not isinstance(exc, ResourceMissingError)
+
+
+# SQS's longest long poll: a ReceiveMessage that names no wait may get the queue's.
+MAX_LONG_POLL_SECONDS = 20.0
+
+
+def _long_poll_seconds(operation: str, kwargs: dict[str, Any]) -> float:
+    """How long a call may wait by design, on top of the budget: a long poll's wait."""
+    wait = kwargs.get("WaitTimeSeconds")
+    if isinstance(wait, int | float):
+        return max(0.0, float(wait))
+    if aws_operation(operation.rpartition(".")[2]) == "ReceiveMessage":  # "SQS.ReceiveMessage"
+        return MAX_LONG_POLL_SECONDS
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -245,8 +293,58 @@ _UNAVAILABLE_CODES = frozenset(
         "ServiceUnavailable",
         "RequestThrottled",
         "AWS.SimpleQueueService.RequestThrottled",
+        # Another transaction holds the item, or this one's token is still under way.
+        "TransactionConflictException",
+        "TransactionInProgressException",
     }
 )
+
+
+# Why a transaction was cancelled (one reason per item, "None" for the items that were
+# fine): these pass if the same transaction is tried again.
+_TRANSIENT_CANCELLATIONS = frozenset(
+    {
+        "ThrottlingError",
+        "ProvisionedThroughputExceeded",
+        "TransactionConflict",
+        "RequestLimitExceeded",
+        "InternalServerError",
+    }
+)
+_CONDITION_FAILED = "ConditionalCheckFailed"
+_REASONS_IN_MESSAGE = re.compile(r"\[([A-Za-z, ]*)\]\s*$")
+
+
+def _cancellation_reasons(exc: ClientError) -> list[dict[str, Any]]:
+    """A TransactionCanceledException's reasons, one per item. botocore puts them in the
+    response; an endpoint that sends none still names them at the end of its message
+    ("... specific reasons [ConditionalCheckFailed, None]")."""
+    reasons: Any = exc.response.get("CancellationReasons")
+    if isinstance(reasons, list):
+        return [reason for reason in reasons if isinstance(reason, dict)]
+    message = str(exc.response.get("Error", {}).get("Message", ""))
+    match = _REASONS_IN_MESSAGE.search(message)
+    if match is None:
+        return []
+    return [{"Code": code.strip()} for code in match.group(1).split(",") if code.strip()]
+
+
+def _cancelled_transaction(operation: str, exc: ClientError) -> BuildqError | None:
+    """What a cancelled transaction means: a condition failed (``ConflictError``, with
+    the refused item when it came back), or it was in the way of something passing
+    (throttled, another transaction on an item: ``UnavailableError``, retried); None for
+    a transaction that can never pass (a validation error: a bug)."""
+    reasons = _cancellation_reasons(exc)
+    codes = [str(reason.get("Code", "None")) for reason in reasons]
+    if _CONDITION_FAILED in codes or not reasons:
+        refused = next(
+            (r.get("Item") for r in reasons if r.get("Code") == _CONDITION_FAILED and "Item" in r),
+            exc.response.get("Item"),
+        )
+        return ConflictError(f"{operation}: condition failed", cast("Any", refused))
+    if any(code in _TRANSIENT_CANCELLATIONS for code in codes):
+        return UnavailableError(f"{operation}: transaction cancelled ({', '.join(codes)})")
+    return None
 
 
 # Error codes that mean "the table or queue does not exist (yet)".
@@ -269,11 +367,22 @@ def translate_errors(operation: str) -> Iterator[None]:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _MISSING_CODES:
             raise ResourceMissingError(f"{operation}: {code}") from exc
-        if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
+        if code == "ConditionalCheckFailedException":
             item = cast("dict[str, Any] | None", exc.response.get("Item"))
             raise ConflictError(f"{operation}: condition failed", item) from None
+        if code == "TransactionCanceledException":
+            meaning = _cancelled_transaction(operation, exc)
+            if isinstance(meaning, ConflictError):
+                raise meaning from None
+            if meaning is not None:
+                raise meaning from exc
+            raise
         if code in _UNAVAILABLE_CODES or status >= 500:
             raise UnavailableError(f"{operation}: {code or status}") from exc
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        too_large = too_large_error(operation, code, message)
+        if too_large is not None:  # never retried: the same write is refused again
+            raise too_large from exc
         raise
     except ParamValidationError:
         raise
