@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from buildq.errors import BuildqError, ConflictError, ResourceMissingError, UnavailableError
+from buildq.limits import too_large_error
 from buildq.metrics import AWS_CALL_SECONDS, aws_operation
 from buildq.settings import Settings
 
@@ -378,6 +379,10 @@ def translate_errors(operation: str) -> Iterator[None]:
             raise
         if code in _UNAVAILABLE_CODES or status >= 500:
             raise UnavailableError(f"{operation}: {code or status}") from exc
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        too_large = too_large_error(operation, code, message)
+        if too_large is not None:  # never retried: the same write is refused again
+            raise too_large from exc
         raise
     except ParamValidationError:
         raise

@@ -48,3 +48,17 @@ class UnknownWorkflowError(BuildqError):
 
 class MessageError(BuildqError):
     """A queue message that cannot be understood (poison)."""
+
+
+class WriteTooLargeError(BuildqError):
+    """A write that would break one of DynamoDB's size limits (item 400 KB, expression
+    4 KB; see ``buildq.limits``): refused before it is sent, or refused by DynamoDB
+    with a ValidationException saying so. Never retried: the same write fails again.
+
+    ``size`` and ``limit`` are in bytes when known.
+    """
+
+    def __init__(self, message: str, *, size: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit

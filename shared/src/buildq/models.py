@@ -5,7 +5,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from buildq.limits import MAX_ERROR_MESSAGE_BYTES, MAX_ERROR_TYPE_BYTES, truncated
 
 
 class ProjectStatus(StrEnum):
@@ -35,7 +37,13 @@ class StageStatus(StrEnum):
 
 
 class ErrorInfo(BaseModel):
-    """Why something failed: the exception type and its message."""
+    """Why something failed: the exception type and its message.
+
+    Bounded whatever it is built from: a longer ``message`` is cut to
+    ``MAX_ERROR_MESSAGE_BYTES`` (its head and tail around a marker saying how much was
+    cut), a longer ``type`` to ``MAX_ERROR_TYPE_BYTES``; so no stage snapshot,
+    ``last_error`` or dead letter ever carries an unbounded error.
+    """
 
     model_config = ConfigDict(
         frozen=True,
@@ -46,6 +54,22 @@ class ErrorInfo(BaseModel):
 
     type: str = Field(examples=["RetryableError"])
     message: str = Field(examples=["stage 'build' failed (attempt 1 of 2 injected failures)"])
+
+    @field_validator("type")
+    @classmethod
+    def _type_bounded(cls, value: str) -> str:
+        return truncated(value, MAX_ERROR_TYPE_BYTES)
+
+    @field_validator("message")
+    @classmethod
+    def _message_bounded(cls, value: str) -> str:
+        return truncated(value, MAX_ERROR_MESSAGE_BYTES)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ErrorInfo:
+        """An exception as an ErrorInfo: its class name and its message (its repr if
+        the message is empty), both bounded."""
+        return cls(type=type(exc).__name__, message=str(exc) or repr(exc))
 
 
 class StageSnapshot(BaseModel):

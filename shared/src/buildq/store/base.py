@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 from buildq.aws import RetryPolicy
 from buildq.items import stage_to_plain, to_attr
+from buildq.limits import check_update
 from buildq.models import StageSnapshot, StageStatus
 from buildq.settings import Settings
 
@@ -97,13 +98,20 @@ class DynamoTable:
     ) -> dict[str, Any]:
         """The one conditional UpdateItem: returns what ``returns`` asks for (the new
         item, the attributes it set, or {}), or raises ``ConflictError`` carrying the
-        item as it was."""
+        item as it was.
+
+        Raises ``WriteTooLargeError``, before anything is sent, for a write over
+        DynamoDB's limits or buildq's write budget (``buildq.limits.check_update``:
+        with the create's check and the stage and error bounds, that keeps every
+        project item within 400 KB, though this never sees the item)."""
+        expression = update.expression()
+        check_update(expression, condition, update.names, update.values, what=f"UpdateItem({what})")
         response = await self._retry.call(
             f"UpdateItem({what})",
             self._client.update_item,
             TableName=self._table,
             Key=key,
-            UpdateExpression=update.expression(),
+            UpdateExpression=expression,
             ConditionExpression=condition,
             ExpressionAttributeNames=update.names,
             ExpressionAttributeValues=update.values,

@@ -19,6 +19,7 @@ from buildq.items import (
     sweep_shard,
     tenant_pk,
 )
+from buildq.limits import DYNAMODB_ITEM_MAX_BYTES, check_item, check_new_project
 from buildq.models import Project, ProjectStatus
 from buildq.store.base import DynamoTable, Update
 
@@ -72,8 +73,12 @@ class DynamoProjects(DynamoTable):
     async def create(self, project: Project, *, idempotency: Idempotency | None = None) -> Created:
         """Write a new project (QUEUED). With ``idempotency``, the project and its key
         are written in one transaction, and a repeat of the same key returns the first
-        project (``replayed``) or raises ``IdempotencyMismatchError`` for another body."""
+        project (``replayed``) or raises ``IdempotencyMismatchError`` for another body.
+
+        Raises ``WriteTooLargeError``, before anything is sent, for a project item over
+        the create budget (``buildq.limits.check_new_project``)."""
         item = project_to_item(project, sweep_at=epoch_ms())
+        check_new_project(item, [stage.name for stage in project.stages], what="create")
         if idempotency is None:
             # A conflict can only be a retry of this very write (ULIDs do not collide),
             # whose first try landed.
@@ -94,6 +99,7 @@ class DynamoProjects(DynamoTable):
             "request_hash": {"S": idempotency.request_hash},
             TTL_ATTRIBUTE: {"N": str(now_s + IDEMPOTENCY_TTL_SECONDS)},
         }
+        check_item(key_item, limit=DYNAMODB_ITEM_MAX_BYTES, what="create(idempotency key)")
         try:
             await self._retry.call(
                 "TransactWriteItems",

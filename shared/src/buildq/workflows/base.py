@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from buildq.limits import MAX_STAGES, stage_names_problem
 from buildq.models import Project
 
 JsonObject = dict[str, Any]
@@ -85,6 +86,16 @@ class Workflow:
     stages: tuple[Stage, ...]
     parameters: type[BaseModel] | None = None  # validates parameters at the API
     timeout: float | None = None  # whole-workflow timeout; None = the worker's default
+
+    def __post_init__(self) -> None:
+        """Refuse a workflow a project item could not hold (``buildq.limits``): more
+        than MAX_STAGES stages, or empty, overlong or repeated stage names."""
+        problem = stage_names_problem(self.stage_names)
+        if problem is not None:
+            raise ValueError(
+                f"workflow {self.name!r}: {problem} (at most {MAX_STAGES} distinct stage "
+                "names, so that a project item fits in DynamoDB's 400 KB; see buildq.limits)"
+            )
 
     @property
     def stage_names(self) -> list[str]:
