@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from buildq.clock import epoch_ms, iso, utcnow
-from buildq.errors import ConflictError, NotFoundError
+from buildq.errors import ConflictError, NotFoundError, UnavailableError
 from buildq.items import (
     TTL_ATTRIBUTE,
     idempotency_sk,
@@ -143,7 +143,9 @@ class DynamoProjects(DynamoTable):
         )
         stored = response.get("Item")
         if stored is None:
-            raise ConflictError("the idempotency key is being written; retry")
+            # A condition failed on a key that is not there (any more): nothing to
+            # conflict with, so a retry passes. Unavailable (503, Retry-After), not 409.
+            raise UnavailableError("the idempotency key is being written; retry")
         if stored["request_hash"]["S"] != idempotency.request_hash:
             raise IdempotencyMismatchError(
                 "this Idempotency-Key was used with a different request body"
