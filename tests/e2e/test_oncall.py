@@ -13,7 +13,7 @@ from tests.harness import BIN, Stack, create_demo, wait_until
 
 pytestmark = pytest.mark.e2e
 
-FAST = {"visibility_timeout": 3, "lease_seconds": 2}
+FAST: dict[str, Any] = {"visibility_timeout": 3, "lease_seconds": 2}
 EMPTY = {"visible": 0, "in_flight": 0, "delayed": 0}
 
 
@@ -183,7 +183,7 @@ def test_queue_stats_and_workers(stack: Stack) -> None:
     assert stats["live_workers"] == 0
     assert stats["backlog_per_slot"] is None
 
-    settings = {"presence_interval": 0.5, "max_workflow_workers": 2, **FAST}
+    settings: dict[str, Any] = {"presence_interval": 0.5, "max_workflow_workers": 2, **FAST}
     first = stack.start_worker(**settings)
     stack.start_worker(**settings)
     workers = wait_until(lambda: _workers_when(stack, 2), timeout=10)

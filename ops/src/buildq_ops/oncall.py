@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -15,6 +17,9 @@ from buildq_ops import dlq as dead_letters
 from buildq_ops.runtime import Ops, emit, run, table
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON")]
+TimeLimitOption = Annotated[
+    str, typer.Option("--time-limit", help="Stop receiving from the DLQ after this long, e.g. 30m")
+]
 
 dlq_app = typer.Typer(help="Inspect, replay and purge the dead-letter queue.", no_args_is_help=True)
 queue_app = typer.Typer(help="The build queue.", no_args_is_help=True)
@@ -45,21 +50,50 @@ def parse_time(text: str) -> datetime:
 @dlq_app.command("list")
 def dlq_list(
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many")] = 100,
+    time_limit: TimeLimitOption = "1h",
     as_json: JsonOption = False,
 ) -> None:
-    """Peek at dead-lettered messages (nothing is consumed) and why each failed."""
-    entries = run(
-        lambda ops: dead_letters.peek(ops.queue, limit=limit, hold=ops.settings.dlq_hold_seconds)
+    """Peek at dead-lettered messages (nothing is consumed) and why each failed.
+
+    COPIES counts the listed messages of the same project and attempt (a partial fault
+    can leave more than one; replaying one skips and deletes the others)."""
+    seconds = parse_duration(time_limit).total_seconds()
+    peeked = run(
+        lambda ops: dead_letters.peek(
+            ops.queue, limit=limit, hold=ops.settings.dlq_hold_seconds, time_limit=seconds
+        )
     )
-    rows = [entry.public() for entry in entries]
+    copies = Counter(_failure(entry) for entry in peeked.entries)
+    rows = [{**entry.public(), "copies": copies[_failure(entry)]} for entry in peeked.entries]
     emit(
         rows,
         as_json=as_json,
         human=lambda: table(
             [{**r, "reason": f"{r['error_type']}: {r['error_message']}"[:80]} for r in rows],
-            ["message_id", "project_id", "tenant_id", "attempts", "failed_at", "reason"],
+            ["message_id", "project_id", "tenant_id", "attempts", "copies", "failed_at", "reason"],
         ),
     )
+    _note_unfinished(peeked.scan)
+
+
+def _failure(entry: dead_letters.DeadLetterEntry) -> tuple[object, ...]:
+    """One failure of one project: its messages are copies of each other."""
+    if entry.project_id is None:
+        return ("message", entry.message_id)
+    return (entry.tenant_id, entry.project_id, entry.attempts)
+
+
+def _note_unfinished(scan: dead_letters.ScanReport) -> None:
+    """Say on stderr when a pass did not see the whole DLQ, and why."""
+    why = {
+        dead_letters.LIMIT: f"stopped after {scan.messages} messages (the limit); more may wait",
+        dead_letters.TIME_LIMIT: "stopped at the time limit; run it again for the rest",
+        dead_letters.QUIET: f"the DLQ still shows {scan.visible_left} visible message(s) that "
+        f"{dead_letters.QUIET_SECONDS:g} s of polls did not bring (SQS's count lags, or "
+        "another command holds them); run it again to be sure",
+    }.get(scan.stopped)
+    if why:
+        typer.echo(f"note: {why}", err=True)
 
 
 @dlq_app.command("show")
@@ -70,9 +104,10 @@ def dlq_show(
     """One dead-lettered message, with its project's record and stages."""
 
     async def find(ops: Ops) -> tuple[dict[str, Any], Project | None]:
-        for entry in await dead_letters.peek(
+        peeked = await dead_letters.peek(
             ops.queue, limit=dead_letters.MAX_SCAN, hold=ops.settings.dlq_hold_seconds
-        ):
+        )
+        for entry in peeked.entries:
             if ident in (entry.message_id, entry.project_id):
                 project = None
                 if entry.tenant_id and entry.project_id:
@@ -124,11 +159,13 @@ def dlq_replay(
     failed_after: Annotated[str | None, typer.Option(help="Failed after (ISO-8601)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Change nothing")] = False,
     rate: Annotated[float, typer.Option(min=0.1, help="At most this many per second")] = 10.0,
+    time_limit: TimeLimitOption = "1h",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Put failed projects back to QUEUED with a fresh attempt budget, and send them again."""
     selection = _filter(all_, project, tenant, reason_contains, failed_after)
+    seconds = parse_duration(time_limit).total_seconds()
     if not dry_run and not yes:
         preview = run(
             lambda ops: dead_letters.replay(
@@ -138,6 +175,7 @@ def dlq_replay(
                 dry_run=True,
                 rate=None,
                 hold=ops.settings.dlq_hold_seconds,
+                time_limit=seconds,
             )
         )
         if preview.matched == 0:
@@ -152,6 +190,7 @@ def dlq_replay(
             dry_run=dry_run,
             rate=rate,
             hold=ops.settings.dlq_hold_seconds,
+            time_limit=seconds,
         )
     )
     data = {
@@ -160,6 +199,7 @@ def dlq_replay(
         "replayed": summary.replayed,
         "skipped": summary.skipped,
         "errors": summary.errors,
+        "scan": {**asdict(summary.scan), "complete": summary.scan.complete},
     }
 
     def human() -> None:
@@ -174,6 +214,7 @@ def dlq_replay(
             typer.echo(f"  error   {item['project_id'] or item['message_id']}: {item['reason']}")
 
     emit(data, as_json=as_json, human=human)
+    _note_unfinished(summary.scan)
     if summary.errors:
         raise typer.Exit(1)
 
@@ -183,18 +224,23 @@ def dlq_purge(
     older_than: Annotated[
         str | None, typer.Option(help="Only messages that failed longer ago, e.g. 7d")
     ] = None,
+    time_limit: TimeLimitOption = "1h",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask")] = False,
 ) -> None:
     """Delete dead-lettered messages for good; their projects stay FAILED."""
     before = datetime.now(UTC) - parse_duration(older_than) if older_than else None
+    seconds = parse_duration(time_limit).total_seconds()
     selection = dead_letters.Filter(all=True, failed_before=before)
     what = f"failed before {before:%Y-%m-%d %H:%M}" if before else "all"
     if not yes:
         typer.confirm(f"Delete {what} dead-lettered messages for good?", abort=True)
-    deleted = run(
-        lambda ops: dead_letters.purge(ops.queue, selection, hold=ops.settings.dlq_hold_seconds)
+    purged = run(
+        lambda ops: dead_letters.purge(
+            ops.queue, selection, hold=ops.settings.dlq_hold_seconds, time_limit=seconds
+        )
     )
-    typer.echo(f"purged {len(deleted)}")
+    typer.echo(f"purged {len(purged.deleted)}")
+    _note_unfinished(purged.scan)
 
 
 # -- buildq queue -----------------------------------------------------------------------
