@@ -107,6 +107,30 @@ def test_second_claim_is_refused_while_the_lease_lives(stack: Stack) -> None:
     assert refused.current.lease_owner == "w1"  # the loser learns who won, without a read
 
 
+def test_a_lease_is_taken_over_only_the_clock_margin_past_its_expiry(stack: Stack) -> None:
+    project = a_project()
+
+    async def scenario(store: DynamoProjectStore) -> tuple[ClaimRefusedError, Project]:
+        await store.create(project)
+        await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=0.05)
+        await asyncio.sleep(0.1)  # expired, but not a margin ago
+        with pytest.raises(ClaimRefusedError) as refused:
+            await store.claim(
+                "t1", project.project_id, worker_id="w2", lease_seconds=30, margin_seconds=1
+            )
+        await asyncio.sleep(1.0)
+        taken = await store.claim(
+            "t1", project.project_id, worker_id="w2", lease_seconds=30, margin_seconds=1
+        )
+        return refused.value, taken
+
+    refused, taken = run(scenario, stack)
+    assert refused.refusal is ClaimRefusal.LEASED
+    assert refused.current is not None
+    assert refused.current.lease_owner == "w1"
+    assert (taken.attempt, taken.lease_owner) == (2, "w2")
+
+
 def test_expired_lease_is_taken_over_and_the_old_owner_is_fenced_out(stack: Stack) -> None:
     project = a_project()
 
@@ -115,7 +139,9 @@ def test_expired_lease_is_taken_over_and_the_old_owner_is_fenced_out(stack: Stac
         first = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=0.05)
         old = RunToken("t1", project.project_id, "w1", first.attempt)
         await asyncio.sleep(0.1)
-        second = await store.claim("t1", project.project_id, worker_id="w2", lease_seconds=30)
+        second = await store.claim(
+            "t1", project.project_id, worker_id="w2", lease_seconds=30, margin_seconds=0
+        )
         assert second.attempt == 2
         stage = stage_started(first.stages[0], attempt=1, worker_id="w1", now=now_iso())
         with pytest.raises(LeaseLostError):
@@ -263,23 +289,23 @@ def test_sweep_candidates_come_from_the_index_and_leave_it_when_done(stack: Stac
     from buildq.items import SWEEP_SHARDS, sweep_shard
 
     project = a_project()
-    shard = int(sweep_shard(project.project_id).split("#")[1])
+    shard = int(sweep_shard(project.project_id).split("#")[2])
     assert 0 <= shard < SWEEP_SHARDS
 
     async def scenario(store: DynamoProjectStore) -> tuple[int, bool, bool, int]:
         await store.create(project)
         far = int(time.time() * 1000) + 60_000
-        found = await store.due_for_sweep(shard, before=far, limit=10)
+        found = await store.due_for_sweep(shard, ProjectStatus.QUEUED, before=far, limit=10)
         mine = [c for c in found if c.project_id == project.project_id]
         assert [c.status for c in mine] == [ProjectStatus.QUEUED]
         await asyncio.sleep(0.01)  # so "now" differs from the creation time
-        first = await store.mark_swept(mine[0])
-        again = await store.mark_swept(mine[0])  # stale: sweep_at moved on
+        first = await store.mark_swept(mine[0], base_ms=1000)
+        again = await store.mark_swept(mine[0], base_ms=1000)  # stale: sweep_at moved on
         got = await store.claim("t1", project.project_id, worker_id="w1", lease_seconds=30)
         await store.finish(
             RunToken("t1", project.project_id, "w1", got.attempt), ProjectStatus.SUCCEEDED
         )
-        after = await store.due_for_sweep(shard, before=far, limit=10)
+        after = await store.due_for_sweep(shard, ProjectStatus.QUEUED, before=far, limit=10)
         return (
             len(mine),
             first,

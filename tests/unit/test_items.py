@@ -279,7 +279,9 @@ def test_sweep_attributes_only_with_sweep_at() -> None:
     assert "sweep_shard" not in without
     with_sweep = project_to_item(project, sweep_at=1_714_564_900_000)
     assert with_sweep["sweep_at"] == {"N": "1714564900000"}
-    assert with_sweep["sweep_shard"] == {"S": sweep_shard(project.project_id)}
+    # The project is BUILDING: it is indexed in that status's shards.
+    assert with_sweep["sweep_shard"] == {"S": sweep_shard(project.project_id, project.status)}
+    assert with_sweep["sweep_shard"]["S"].startswith("SWEEP#B#")
 
 
 def test_sweep_at_zero_is_still_stored() -> None:
@@ -297,7 +299,7 @@ PROJECT_IDS = [f"01HZX{i:021d}" for i in range(400)]
 
 
 def test_sweep_shard_is_stable_and_well_formed() -> None:
-    pattern = re.compile(r"^SWEEP#(\d{2})$")
+    pattern = re.compile(r"^SWEEP#Q#(\d{2})$")
     for project_id in PROJECT_IDS:
         shard = sweep_shard(project_id)
         assert shard == sweep_shard(project_id)
@@ -308,12 +310,15 @@ def test_sweep_shard_is_stable_and_well_formed() -> None:
 
 def test_sweep_shard_known_values() -> None:
     # crc32-based, so the same id maps to the same shard in every process.
-    assert sweep_shard("") == "SWEEP#00"
+    assert sweep_shard("") == "SWEEP#Q#00"
     assert sweep_shard("01HZXPROJECT0000000000000A") == sweep_shard("01HZXPROJECT0000000000000A")
-    assert sweep_shard("a") == "SWEEP#03"
-    assert sweep_shard("b") == "SWEEP#09"
+    assert sweep_shard("a") == "SWEEP#Q#03"
+    assert sweep_shard("b") == "SWEEP#Q#09"
+    # Each status in shards of its own: a pass reads each with its own cutoff.
+    assert sweep_shard("a", ProjectStatus.BUILDING) == "SWEEP#B#03"
+    assert sweep_shard("a", ProjectStatus.FAILED) == "SWEEP#F#03"
 
 
 def test_sweep_shards_spread_over_every_shard() -> None:
     shards = {sweep_shard(project_id) for project_id in PROJECT_IDS}
-    assert shards == {f"SWEEP#{n:02d}" for n in range(SWEEP_SHARDS)}
+    assert shards == {f"SWEEP#Q#{n:02d}" for n in range(SWEEP_SHARDS)}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -24,12 +25,8 @@ from buildq.workflows.base import (
     StageFn,
     Workflow,
 )
-from buildq_worker.runner import (
-    MAX_OUTPUT_BYTES,
-    RunResult,
-    RunStatus,
-    run_workflow,
-)
+from buildq_worker.runner import MAX_OUTPUT_BYTES, RunResult, RunStatus, run_workflow
+from buildq_worker.sync_stages import SyncStages
 
 TENANT = "tenant-a"
 PROJECT_ID = "01HZXRUNNER"
@@ -176,6 +173,7 @@ def run(
     cancel_before: bool = False,
     cancel_hook: Callable[[asyncio.Event], None] | None = None,
     linger: float = 0.0,
+    sync_stages: SyncStages | None = None,
 ) -> tuple[RunResult, FakeStore]:
     project = project or claimed_project()
     store = store or FakeStore()
@@ -195,6 +193,7 @@ def run(
             default_stage_timeout=default_stage_timeout,
             workflow_timeout=workflow_timeout,
             cancel_event=cancel_event,
+            sync_stages=sync_stages,
             checkpoint_linger=linger,
         )
 
@@ -523,6 +522,89 @@ def test_sync_callable_returning_an_awaitable_is_awaited() -> None:
     result, _ = run(wf, claimed_project(["only"]))
     assert result.status is RunStatus.SUCCEEDED
     assert result.stages[0].output == {"from": "callable"}
+
+
+class CrashOnlyError(BaseException):  # like SystemExit: no stage handler catches it
+    """Raised by a test's stand-in for the crash-only exit (the real one ends the process)."""
+
+
+def _crash(reason: str, **fields: Any) -> NoReturn:
+    raise CrashOnlyError(reason)
+
+
+def test_a_sync_stage_past_its_timeout_is_waited_for_before_the_run_ends() -> None:
+    """The thread cannot be stopped: the run (its lease, its slot) outlives it, so a
+    retry never starts the stage while it still runs."""
+    returned: list[float] = []
+
+    def stubborn(ctx: StageContext) -> JsonObject:
+        time.sleep(0.3)
+        returned.append(time.monotonic())
+        return {}
+
+    wf = workflow(Stage("sync", stubborn, timeout=0.05))
+    result, _ = run(wf, claimed_project(["sync"]), sync_stages=SyncStages(5.0, exit=_crash))
+    ended = time.monotonic()
+    assert result.error == ErrorInfo(
+        type="StageTimeoutError", message="stage 'sync' exceeded 0.05s"
+    )
+    assert returned
+    assert returned[0] <= ended
+
+
+def test_a_sync_stage_that_never_returns_ends_the_process() -> None:
+    release = threading.Event()
+
+    def stuck(ctx: StageContext) -> JsonObject:
+        release.wait(10)
+        return {}
+
+    wf = workflow(Stage("sync", stuck, timeout=0.05))
+    try:
+        with pytest.raises(CrashOnlyError, match="did not return"):
+            run(wf, claimed_project(["sync"]), sync_stages=SyncStages(0.2, exit=_crash))
+    finally:
+        release.set()
+
+
+def test_a_lease_lost_while_a_sync_stage_runs_ends_the_process() -> None:
+    release = threading.Event()
+    crashed: list[str] = []
+
+    def stuck(ctx: StageContext) -> JsonObject:
+        release.wait(10)
+        return {}
+
+    def crash(reason: str, **fields: Any) -> NoReturn:
+        crashed.append(reason)
+        release.set()  # the real exit ends the thread with the process
+        raise CrashOnlyError(reason)
+
+    wf = simple_workflow(Recorder(), {"build": stuck})
+    # The third write (generate SUCCEEDED, build RUNNING) finds the lease gone while
+    # build's thread runs: another worker may run build now, so this process must go.
+    with pytest.raises(LeaseLostError):
+        run(wf, store=FakeStore(fail_save_at=2), sync_stages=SyncStages(5.0, exit=crash))
+    assert crashed == ["lease lost while a sync stage runs"]
+
+
+def test_a_stage_raising_cancelled_error_itself_is_a_retryable_failure() -> None:
+    """A library future cancelled under the stage is the stage's failure, not a stop
+    of the run: the run must not come back INTERRUPTED (which would use no attempt)."""
+
+    async def inner_cancelled(ctx: StageContext) -> JsonObject:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+        return {}
+
+    wf = workflow(Stage("plan", Recorder().ok()), Stage("flaky", inner_cancelled))
+    result, store = run(wf, claimed_project(["plan", "flaky"]))
+    assert result.status is RunStatus.FAILED
+    assert result.permanent is False
+    assert result.error is not None
+    assert result.error.type == "StageCancelledError"
+    assert store.record(result)["flaky"].status is FAILED
 
 
 # -- cancellation -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
     nullcontext,
+    suppress,
 )
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -31,6 +32,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from buildq.clock import CLOCK
 from buildq.errors import BuildqError, ConflictError, ResourceMissingError, UnavailableError
 from buildq.limits import too_large_error
 from buildq.metrics import AWS_CALL_SECONDS, aws_operation
@@ -267,6 +269,36 @@ def aws_session() -> AioSession:
     return session
 
 
+_SENT_AT = "buildq_sent_at"  # in botocore's context of one call: when its request left
+
+
+def track_server_clock(client: Any) -> None:
+    """Feed the ``Date`` header of every response ``client`` gets (error responses
+    included) to ``buildq.clock.CLOCK``, which keeps the process on AWS's clock. The
+    local times at ``before-call`` (before signing and sending) and ``after-call``
+    (after parsing) bracket the moment the server wrote the header."""
+    client.meta.events.register("before-call", _note_sent, unique_id="buildq-clock-sent")
+    client.meta.events.register("after-call", _note_date, unique_id="buildq-clock-date")
+
+
+def _note_sent(context: dict[str, Any], **_: Any) -> None:
+    context[_SENT_AT] = CLOCK.local()
+
+
+def _note_date(http_response: Any, parsed: Any, context: dict[str, Any], **_: Any) -> None:
+    received = CLOCK.local()
+    sent = context.get(_SENT_AT)
+    metadata = parsed.get("ResponseMetadata") if isinstance(parsed, dict) else None
+    headers = metadata.get("HTTPHeaders") if isinstance(metadata, dict) else None
+    date = headers.get("date") if isinstance(headers, dict) else None
+    raw = getattr(http_response, "headers", None)
+    if date is None and raw is not None:  # the response's own headers, case-insensitive
+        date = raw.get("Date")
+    if isinstance(sent, float):
+        with suppress(Exception):  # the clock (its log line, say) never fails a call
+            CLOCK.observe(date, sent=sent, received=received)
+
+
 @asynccontextmanager
 async def aws_clients(settings: Settings) -> AsyncIterator[AwsClients]:
     """Open the DynamoDB and SQS clients; the endpoint comes from AWS_ENDPOINT_URL."""
@@ -279,6 +311,8 @@ async def aws_clients(settings: Settings) -> AsyncIterator[AwsClients]:
         sqs = await stack.enter_async_context(
             session.create_client("sqs", region_name=settings.aws_region, config=config)
         )
+        track_server_clock(dynamodb)
+        track_server_clock(sqs)
         yield AwsClients(dynamodb=dynamodb, sqs=sqs, retry=RetryPolicy.from_settings(settings))
 
 

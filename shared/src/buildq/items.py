@@ -7,8 +7,9 @@
   read of the project is one GetItem.
 - ``parameters`` and stage ``output`` are stored as JSON strings: exact
   round-trips with no float/Decimal conversions.
-- While QUEUED or BUILDING, ``sweep_shard`` / ``sweep_at`` put the project in the
-  sparse, sharded sweeper index; they are removed when it ends.
+- While QUEUED or BUILDING (or FAILED until the DLQ holds its failure),
+  ``sweep_shard`` / ``sweep_at`` put the project in the sparse, sharded sweeper
+  index, each status in shards of its own; they are removed when it ends.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
-from buildq.models import ErrorInfo, Project, StageSnapshot
+from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb.type_defs import AttributeValueTypeDef
@@ -46,8 +47,17 @@ def project_key(tenant_id: str, project_id: str) -> Item:
     return {"pk": {"S": tenant_pk(tenant_id)}, "sk": {"S": project_sk(project_id)}}
 
 
-def shard_key(shard: int) -> str:
-    return f"SWEEP#{shard:02d}"
+# The sweeper index keeps each status apart (its own shards), so a pass queries each
+# with its own cutoff and reads only what is due, whatever the backlog.
+SWEEP_CLASSES: dict[ProjectStatus, str] = {
+    ProjectStatus.QUEUED: "Q",
+    ProjectStatus.BUILDING: "B",
+    ProjectStatus.FAILED: "F",  # until its failure is on the DLQ
+}
+
+
+def shard_key(shard: int, status: ProjectStatus = ProjectStatus.QUEUED) -> str:
+    return f"SWEEP#{SWEEP_CLASSES[status]}#{shard:02d}"
 
 
 def idempotency_sk(key: str) -> str:
@@ -59,9 +69,10 @@ def api_key_key(key_hash: str) -> Item:
     return {"pk": {"S": f"APIKEY#{key_hash}"}, "sk": {"S": "APIKEY"}}
 
 
-def sweep_shard(project_id: str) -> str:
-    """The sweeper index shard of a project: spreads active projects over partitions."""
-    return shard_key(zlib.crc32(project_id.encode()) % SWEEP_SHARDS)
+def sweep_shard(project_id: str, status: ProjectStatus = ProjectStatus.QUEUED) -> str:
+    """The sweeper index shard of a project in ``status``: spreads active projects over
+    partitions, each status in shards of its own."""
+    return shard_key(zlib.crc32(project_id.encode()) % SWEEP_SHARDS, status)
 
 
 def to_attr(value: Any) -> AttributeValueTypeDef:
@@ -114,10 +125,12 @@ def project_to_item(project: Project, *, sweep_at: int | None) -> Item:
         "worker_id": project.worker_id,
         "lease_owner": project.lease_owner,
         "lease_expires_at": project.lease_expires_at,
+        "retry_at": project.retry_at,
+        "dead_lettered_attempt": project.dead_lettered_attempt,
     }
     plain.update({key: value for key, value in optional.items() if value is not None})
     if sweep_at is not None:
-        plain["sweep_shard"] = sweep_shard(project.project_id)
+        plain["sweep_shard"] = sweep_shard(project.project_id, project.status)
         plain["sweep_at"] = sweep_at
     return {key: to_attr(value) for key, value in plain.items()}
 
@@ -163,5 +176,7 @@ def project_from_item(item: dict[str, Any]) -> Project:
         lease_owner=plain.get("lease_owner"),
         lease_expires_at=_int(plain.get("lease_expires_at")),
         cancel_requested=bool(plain.get("cancel_requested", False)),
+        retry_at=_int(plain.get("retry_at")),
+        dead_lettered_attempt=_int(plain.get("dead_lettered_attempt")),
         stages=tuple(stages),
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import Histogram, disable_created_metrics
+from prometheus_client import Gauge, Histogram, disable_created_metrics
+
+from buildq.clock import CLOCK
 
 # ``*_created`` series double the output and nothing here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -23,6 +25,13 @@ AWS_CALL_SECONDS = Histogram(
     ["operation", "outcome"],
     buckets=AWS_CALL_BUCKETS,
 )
+
+CLOCK_OFFSET_SECONDS = Gauge(
+    "buildq_clock_offset_seconds",
+    "AWS's clock minus this machine's, as this process estimates it from the Date "
+    "headers of AWS responses (0 before the first); every buildq time is on AWS's clock",
+)
+CLOCK_OFFSET_SECONDS.set_function(lambda: CLOCK.offset)
 
 _API_NAME = re.compile(r"[A-Za-z]+")
 

@@ -145,6 +145,12 @@ class Project(BaseModel):
     lease_owner: str | None = None
     lease_expires_at: int | None = Field(None, description="Lease expiry, epoch milliseconds")
     cancel_requested: bool = False
+    retry_at: int | None = Field(
+        None, description="A retry's backoff: not claimed before then, epoch milliseconds"
+    )
+    dead_lettered_attempt: int | None = Field(
+        None, description="The attempt whose failure the DLQ holds (FAILED ⇔ one DLQ entry)"
+    )
     stages: tuple[StageSnapshot, ...] = ()
 
     @property

@@ -25,6 +25,9 @@ DLQ_ERROR_MESSAGE = "buildq-error-message"
 DLQ_ATTEMPTS = "buildq-attempts"
 DLQ_WORKER_ID = "buildq-worker-id"
 DLQ_FAILED_AT = "buildq-failed-at"
+# The project's attempt that failed: copies of one failure (a send retried after its
+# answer was lost, say) carry the same value.
+DLQ_PROJECT_ATTEMPT = "buildq-project-attempt"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class DeadLetter:
     error: ErrorInfo
     attempts: int
     worker_id: str
+    project_attempt: int | None = None  # None: no project (a poison message)
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,11 @@ class SqsBuildQueue:
             DLQ_WORKER_ID: {"DataType": "String", "StringValue": reason.worker_id},
             DLQ_FAILED_AT: {"DataType": "String", "StringValue": now_iso()},
         }
+        if reason.project_attempt is not None:
+            attributes[DLQ_PROJECT_ATTEMPT] = {
+                "DataType": "Number",
+                "StringValue": str(reason.project_attempt),
+            }
         response = await self._retry.call(
             "SendMessage(dlq)",
             self._client.send_message,

@@ -45,7 +45,8 @@ def table_definition(table_name: str) -> dict[str, Any]:
         ],
         "GlobalSecondaryIndexes": [
             {
-                # Sparse: only QUEUED and BUILDING projects carry sweep_shard.
+                # Sparse: only QUEUED and BUILDING projects (and FAILED ones until the
+                # DLQ holds their failure) carry sweep_shard, each status in its own shards.
                 "IndexName": SWEEP_INDEX,
                 "KeySchema": [
                     {"AttributeName": "sweep_shard", "KeyType": "HASH"},

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from buildq.clock import CLOCK_MARGIN_SECONDS
+
 
 def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -146,6 +148,13 @@ class WorkerSettings(Settings):
     lease_seconds: int = Field(
         45, ge=1, description="Project lease length, s; below the visibility timeout"
     )
+    clock_margin_seconds: float = Field(
+        CLOCK_MARGIN_SECONDS,
+        ge=0,
+        description="A lease is taken over only this long past its expiry, s: it covers how "
+        "far two processes' estimates of AWS's clock may differ (with lease + this below "
+        "the visibility timeout, a dead worker's message comes back claimable)",
+    )
     stage_timeout: float = Field(3600.0, gt=0, description="Default per-stage timeout, s")
     workflow_timeout: float = Field(
         86400.0, gt=0, description="Default timeout of one attempt of a whole workflow, s"
@@ -182,4 +191,10 @@ class WorkerSettings(Settings):
     )
     drain_seconds: float = Field(
         90.0, ge=0, description="On SIGTERM, how long running workflows may finish"
+    )
+    sync_stage_grace_seconds: float = Field(
+        20.0,
+        gt=0,
+        description="How long a stopped sync stage's thread may take to return (the run "
+        "keeps its lease meanwhile) before the worker exits (crash-only), s",
     )

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from buildq.clock import CLOCK_MARGIN_MS
 from buildq.errors import InvalidTransitionError
 from buildq.models import ErrorInfo, Project, ProjectStatus, StageSnapshot, StageStatus
 
@@ -70,20 +71,30 @@ class ClaimRefusal(StrEnum):
     TERMINAL = "terminal"  # already finished: a duplicate or stale message
     LEASED = "leased"  # another worker holds a live lease on it
     NOT_CLAIMABLE = "not_claimable"  # e.g. FAILED, waiting for a replay
+    NOT_YET = "not_yet"  # QUEUED for a retry whose backoff is not over
 
 
-def claim_refusal(current: Project | None, now_ms: int) -> ClaimRefusal | None:
+def claim_refusal(
+    current: Project | None, now_ms: int, *, margin_ms: int = CLOCK_MARGIN_MS
+) -> ClaimRefusal | None:
     """Whether a claim of ``current`` at ``now_ms`` must be refused, and why.
 
-    Mirrors the store's claim condition: a QUEUED project, or a BUILDING one
-    whose lease has expired, can be claimed.
+    Mirrors the store's claim condition: a QUEUED project whose retry is due, or a
+    BUILDING one whose lease has expired, can be claimed.
+
+    A lease has expired only ``margin_ms`` after its ``lease_expires_at``: the holder
+    wrote that time and the claimer reads ``now_ms``, each from its own estimate of
+    AWS's clock (``buildq.clock``); the margin covers how far two estimates may differ.
     """
     if current is None:
         return ClaimRefusal.MISSING
     if current.status is S.QUEUED:
+        if current.retry_at is not None and current.retry_at > now_ms:
+            return ClaimRefusal.NOT_YET
         return None
     if current.status is S.BUILDING:
-        if current.lease_expires_at is not None and current.lease_expires_at >= now_ms:
+        lease = current.lease_expires_at
+        if lease is not None and lease + margin_ms >= now_ms:
             return ClaimRefusal.LEASED
         return None
     if current.status in (S.SUCCEEDED, S.CANCELLED):

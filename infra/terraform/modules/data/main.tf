@@ -29,7 +29,8 @@ resource "aws_dynamodb_table" "projects" {
     type = "N"
   }
 
-  # Sparse: only QUEUED and BUILDING projects carry sweep_shard.
+  # Sparse: only QUEUED and BUILDING projects (and FAILED ones until the DLQ holds
+  # their failure) carry sweep_shard, each status in shards of its own.
   global_secondary_index {
     name               = "sweep"
     hash_key           = "sweep_shard"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from buildq.queue import ReceivedMessage
 from buildq.store import RunToken
 from buildq_worker.runner import RunResult
+from buildq_worker.sync_stages import SyncStages
 
 
 @dataclass
@@ -25,6 +26,15 @@ class ActiveRun:
     releasing: bool = False  # the worker is draining: hand the run back
     lease_lost: bool = False  # another worker owns the project now: write nothing
     finishing: bool = False  # its workflow has ended: only its final writes remain
+    sync_stages: SyncStages | None = None  # its sync stage threads, once it runs
+    lease_until: float = 0.0  # monotonic: the lease lasts at least until then
+    message_settled: bool = False  # the run's end has acted on the message: no heartbeats
+
+    def adopt(self, message: ReceivedMessage) -> None:
+        """The same message, received again while this run holds it (its visibility ran
+        out): only the newest receipt handle is honoured from now on."""
+        self.message = message
+        self.received_at = time.monotonic()
 
     def stop_workflow(self) -> None:
         if self.workflow_task is not None and not self.workflow_task.done():

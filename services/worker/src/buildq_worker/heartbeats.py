@@ -1,12 +1,19 @@
 """Heartbeats: every active run's message visibility and project lease are pushed out
 well before either expires (invariant 4), a message held near SQS's 12 h cap is let go
-to run on the lease alone, and a lease found lost stops its run at once."""
+to run on the lease alone, and a lease found lost stops its run at once.
+
+Leases and visibilities are renewed by separate loops, at a fixed rate, each round
+cut at ``call_timeout`` (under the interval): one service hanging or failing never
+holds back the other. Each run also keeps the lease's end by this process's own
+monotonic clock (``lease_until``): past it, the run stops as if the lease were lost,
+which covers an unreachable DynamoDB and a process frozen past its lease alike.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -19,6 +26,11 @@ from buildq_worker.active import ActiveRun
 from buildq_worker.protection import TaskProtection
 
 log = structlog.get_logger()
+
+LEASE_WATCH_SECONDS = 0.25
+# Stop this long before the lease could expire (at most a fifth of it): the stage's
+# cancellation needs a moment.
+LEASE_SAFETY_SECONDS = 1.0
 
 
 class Heartbeats:
@@ -45,14 +57,44 @@ class Heartbeats:
         shortest = min(self.settings.visibility_timeout, self.settings.lease_seconds)
         return max(0.2, shortest / 3)
 
-    async def beat(self) -> None:
-        runs = self._runs()
+    @property
+    def call_timeout(self) -> float:
+        """The longest one round of renewals may take: under the interval, so a hung
+        call never delays the next round, and so well under a third of the lease."""
+        return self.interval * 0.75
+
+    async def run(self) -> None:
+        """Renew leases, extend visibilities and keep the ECS protection, each on its
+        own clock: a hung or failing SQS never holds back a lease (nor the reverse)."""
+        await asyncio.gather(
+            self._every(self.renew_leases, "lease"),
+            self._every(self.extend_visibility, "visibility"),
+            self._every(self.protect, "protection"),
+            self._watch_leases(),
+        )
+
+    async def _every(self, job: Callable[[], Awaitable[None]], kind: str) -> None:
+        """Run ``job`` at a fixed rate, each round cut at ``call_timeout``."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at = max(next_at + self.interval, loop.time())  # no burst after a freeze
+            await asyncio.sleep(next_at - loop.time())
+            try:
+                async with asyncio.timeout(self.call_timeout):
+                    await job()
+            except Exception as exc:
+                metrics.HEARTBEAT_FAILURES.labels(kind=kind).inc()
+                log.warning(f"heartbeat.{kind}_failed", error=str(exc) or type(exc).__name__)
+
+    async def protect(self) -> None:
         # Busy tasks are protected from ECS scale-in; idle ones are fair game.
-        await self.protection.set(bool(runs))
-        if not runs:
-            return
+        await self.protection.set(bool(self._runs()))
+
+    async def extend_visibility(self) -> None:
+        runs = self._runs()
         too_old = time.monotonic() - self.settings.max_message_hold
-        held = [run for run in runs if not run.message_deleted]
+        held = [run for run in runs if not (run.message_deleted or run.message_settled)]
         for run in held:
             if run.token is not None and run.received_at < too_old:
                 # SQS caps a message's total visibility at 12 h: let it go and carry
@@ -60,20 +102,24 @@ class Heartbeats:
                 self._delete(run)
                 log.info("message.released_to_lease", project_id=run.token.project_id)
         handles = [run.message.receipt_handle for run in held if not run.message_deleted]
-        if handles:
-            failed = set(
-                await self.queue.change_visibility_batch(handles, self.settings.visibility_timeout)
-            )
-            # A run that ended meanwhile has deleted its message: that failure is expected.
-            live = [
-                run.message.message_id
-                for run in self._runs()
-                if run.message.receipt_handle in failed and not run.message_deleted
-            ]
-            if live:
-                metrics.HEARTBEAT_FAILURES.labels(kind="visibility").inc(len(live))
-                log.warning("heartbeat.visibility_failed", message_ids=live)
-        claimed = [run for run in runs if run.token is not None]
+        if not handles:
+            return
+        failed = set(
+            await self.queue.change_visibility_batch(handles, self.settings.visibility_timeout)
+        )
+        # A run that ended meanwhile has deleted its message: that failure is expected.
+        live = [
+            run.message.message_id
+            for run in self._runs()
+            if run.message.receipt_handle in failed
+            and not (run.message_deleted or run.message_settled)
+        ]
+        if live:
+            metrics.HEARTBEAT_FAILURES.labels(kind="visibility").inc(len(live))
+            log.warning("heartbeat.visibility_failed", message_ids=live)
+
+    async def renew_leases(self) -> None:
+        claimed = [run for run in self._runs() if run.token is not None and not run.lease_lost]
         outcomes = await asyncio.gather(
             *(self._extend(run) for run in claimed), return_exceptions=True
         )
@@ -83,18 +129,42 @@ class Heartbeats:
                 log.warning(
                     "heartbeat.lease_failed",
                     project_id=run.token and run.token.project_id,
-                    error=str(outcome),
+                    error=str(outcome) or type(outcome).__name__,
                 )
 
     async def _extend(self, run: ActiveRun) -> None:
         assert run.token is not None
+        asked_at = time.monotonic()
         try:
             cancel = await self.store.extend_lease(run.token, self.settings.lease_seconds)
         except LeaseLostError:
             # Another worker owns the project now: stop at once, write nothing more.
-            run.lease_lost = True
-            run.stop_workflow()
+            self._lost(run, "project.lease_lost_seen")
             return
+        # The new expiry was set after asked_at: the lease lasts at least this long.
+        run.lease_until = max(run.lease_until, asked_at + self.settings.lease_seconds)
         if cancel and not run.cancel_event.is_set():
             log.info("project.cancel_seen", project_id=run.token.project_id)
             run.cancel_event.set()
+
+    async def _watch_leases(self) -> None:
+        """Stop a run whose lease may have run out by this process's own clock (no
+        renewal has landed for a lease's length: DynamoDB unreachable, or the process
+        frozen), before another worker can take the project over."""
+        while True:
+            await asyncio.sleep(LEASE_WATCH_SECONDS)
+            now = time.monotonic()
+            safety = min(LEASE_SAFETY_SECONDS, self.settings.lease_seconds / 5)
+            for run in self._runs():
+                watched = run.token is not None and not (run.lease_lost or run.finishing)
+                if watched and now >= run.lease_until - safety:
+                    self._lost(run, "project.lease_expired_locally")
+
+    def _lost(self, run: ActiveRun, event: str) -> None:
+        """Write nothing more for ``run``: its project may be another worker's now. A
+        sync stage still running ends the process (see sync_stages)."""
+        run.lease_lost = True
+        log.warning(event, project_id=run.token and run.token.project_id)
+        if run.sync_stages is not None:
+            run.sync_stages.lease_lost()
+        run.stop_workflow()

@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import structlog
 
-from buildq.errors import MessageError, UnknownWorkflowError
+from buildq import limits
+from buildq.clock import epoch_ms
+from buildq.errors import MessageError, UnknownWorkflowError, WriteTooLargeError
 from buildq.messages import BuildMessage, BuildReason, build_message, decode
 from buildq.models import ErrorInfo, Project, ProjectStatus
 from buildq.queue import BuildQueue, DeadLetter
@@ -29,8 +31,10 @@ from buildq.transitions import (
 from buildq.workflows.registry import WorkflowRegistry
 from buildq_worker import metrics
 from buildq_worker.active import ActiveRun
+from buildq_worker.dead_letters import dead_letter, failure_of, needs_dead_letter
 from buildq_worker.deleter import Deleter
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
+from buildq_worker.sync_stages import SyncStages
 from buildq_worker.timing import queue_lag
 
 log = structlog.get_logger()
@@ -65,17 +69,20 @@ class RunLifecycle:
             build = decode(run.message.body)
         except MessageError as exc:
             error = ErrorInfo(type="PoisonMessage", message=str(exc))
-            await self._dead_letter(run, error, 0, reason="poison")
+            letter = DeadLetter(error=error, attempts=0, worker_id=self.settings.worker_id)
+            await self._dead_letter(run, letter, reason="poison")
             return
         structlog.contextvars.bind_contextvars(
             project_id=build.project_id, tenant_id=build.tenant_id
         )
+        asked_at = time.monotonic()
         try:
             project = await self.store.claim(
                 build.tenant_id,
                 build.project_id,
                 worker_id=self.settings.worker_id,
                 lease_seconds=self.settings.lease_seconds,
+                margin_seconds=self.settings.clock_margin_seconds,
                 start=build.next_stage,
                 seen_attempt=build.attempt or 0,
             )
@@ -86,6 +93,7 @@ class RunLifecycle:
             build.tenant_id, build.project_id, self.settings.worker_id, project.attempt
         )
         run.attempts_used = project.attempts_used
+        run.lease_until = asked_at + self.settings.lease_seconds
         structlog.contextvars.bind_contextvars(attempt=project.attempt)
         lag = queue_lag(build, run.message)
         metrics.QUEUE_LAG_SECONDS.labels(
@@ -103,10 +111,52 @@ class RunLifecycle:
         if result.status is RunStatus.INTERRUPTED:
             if run.lease_lost:
                 self.lease_lost()
-            else:
+                return
+            if not run.releasing:
+                # Nothing here stopped it: a failure, which uses an attempt (a release
+                # would not, and the run could come back for ever).
+                error = ErrorInfo(
+                    type="InterruptedError", message="the run stopped with no drain or lease loss"
+                )
+                result = RunResult(RunStatus.FAILED, result.stages, error=error)
+        try:
+            if result.status is RunStatus.INTERRUPTED:
                 await self._release(run, result)
-            return
-        await self._settle(run, result)
+            else:
+                await self._settle(run, result)
+        except WriteTooLargeError as exc:
+            # DynamoDB would refuse this write whatever the retry: end FAILED with a
+            # small error instead, never a loop of attempts.
+            await self._fail_too_large(run, result, exc)
+
+    async def _fail_too_large(
+        self, run: ActiveRun, result: RunResult, exc: WriteTooLargeError
+    ) -> None:
+        token = run.token
+        assert token is not None
+        why = (
+            f"; the run's error: {result.error.type}: {result.error.message}"
+            if result.error
+            else ""
+        )
+        error = ErrorInfo(type="WriteTooLargeError", message=f"{exc}{why}")
+        try:
+            await self.store.finish(
+                token,
+                ProjectStatus.FAILED,
+                error=error,
+                stages=limits.without_outputs(result.stages),
+            )
+        except WriteTooLargeError:
+            await self.store.finish(token, ProjectStatus.FAILED, error=error)
+        letter = DeadLetter(
+            error=error,
+            attempts=run.attempts_used,
+            worker_id=self.settings.worker_id,
+            project_attempt=token.attempt,
+        )
+        await self._dead_letter(run, letter, reason="failed")
+        log.warning("project.failed", error_type=error.type, error=error.message)
 
     async def _run(self, run: ActiveRun, project: Project) -> RunResult:
         assert run.token is not None
@@ -128,6 +178,7 @@ class RunLifecycle:
             return RunResult(RunStatus.FAILED, unstarted, error=error, permanent=True)
         if project.cancel_requested:
             run.cancel_event.set()
+        run.sync_stages = SyncStages(self.settings.sync_stage_grace_seconds)
         run.workflow_task = asyncio.create_task(
             run_workflow(
                 project=project,
@@ -138,6 +189,7 @@ class RunLifecycle:
                 default_stage_timeout=self.settings.stage_timeout,
                 workflow_timeout=workflow.timeout or self.settings.workflow_timeout,
                 cancel_event=run.cancel_event,
+                sync_stages=run.sync_stages,
             )
         )
         if run.releasing:  # the drain deadline passed while this run was being claimed
@@ -165,15 +217,34 @@ class RunLifecycle:
             error = ErrorInfo(
                 type="ProjectNotFound", message=f"project {build.project_id} does not exist"
             )
-            await self._dead_letter(run, error, 0, reason="missing")
+            letter = DeadLetter(error=error, attempts=0, worker_id=self.settings.worker_id)
+            await self._dead_letter(run, letter, reason="missing")
             return
-        lease = exc.current.lease_expires_at if exc.current else None
+        current = exc.current
+        if needs_dead_letter(current):
+            # FAILED, and its failure never reached the DLQ (the send failed, or the
+            # worker died first): send it now, from the record, then drop this.
+            assert current is not None
+            letter = failure_of(current, self.settings.worker_id)
+            await self._dead_letter(run, letter, reason="forwarded")
+            return
+        if exc.refusal is ClaimRefusal.NOT_YET and current is not None and current.retry_at:
+            # A retry's backoff is not over (an early copy, or a heartbeat's visibility
+            # change landed after the retry's own): back on the queue until it is.
+            wait = (current.retry_at - epoch_ms()) / 1000
+            delay = math.ceil(min(max(wait, 1), SQS_MAX_VISIBILITY - 60))
+            log.info("message.retry_not_due", retry_in=delay)
+            await self.queue.change_visibility(message.receipt_handle, delay)
+            return
+        lease = current.lease_expires_at if current else None
         if exc.refusal is ClaimRefusal.LEASED and lease is not None:
-            left = lease - int(time.time() * 1000)
+            left = lease - epoch_ms()
             if left < 10_000:
                 # The holder's lease is about to run out: it may have died with
-                # this very message. Look again just after the lease expires.
-                delay = max(1, left // 1000 + 2)
+                # this very message. Look again just after it can be taken over (the
+                # clock margin past its expiry).
+                margin_ms = int(self.settings.clock_margin_seconds * 1000)
+                delay = max(1, (left + margin_ms) // 1000 + 2)
                 log.info("message.lease_expiring", retry_in=delay)
                 await self.queue.change_visibility(message.receipt_handle, delay)
                 return
@@ -206,18 +277,11 @@ class RunLifecycle:
             delay = result.retry_delay
             if delay is None:
                 delay = self._backoff.delay(run.attempts_used)
-            await self.store.requeue(token, error=result.error, stages=result.stages)
-            if run.message_deleted:
-                await self.queue.send(
-                    build_message(
-                        token.tenant_id, token.project_id, BuildReason.RETRY, attempt=token.attempt
-                    ),
-                    delay_seconds=math.ceil(min(delay, SQS_MAX_DELAY)),
-                )
-            else:
-                await self.queue.change_visibility(
-                    run.message.receipt_handle, math.ceil(min(delay, SQS_MAX_VISIBILITY - 60))
-                )
+            retry_at = epoch_ms() + int(delay * 1000)
+            await self.store.requeue(
+                token, error=result.error, stages=result.stages, retry_at=retry_at
+            )
+            await self._come_back(run, token, delay)
             metrics.RETRIES_SCHEDULED.inc()
             log.info(
                 "project.retry_scheduled",
@@ -229,24 +293,62 @@ class RunLifecycle:
         await self.store.finish(
             token, ProjectStatus.FAILED, error=result.error, stages=result.stages
         )
-        await self._dead_letter(run, result.error, run.attempts_used, reason="failed")
+        letter = DeadLetter(
+            error=result.error,
+            attempts=run.attempts_used,
+            worker_id=self.settings.worker_id,
+            project_attempt=token.attempt,
+        )
+        await self._dead_letter(run, letter, reason="failed")
         log.warning("project.failed", error_type=result.error.type, error=result.error.message)
 
-    async def _dead_letter(
-        self, run: ActiveRun, error: ErrorInfo, attempts: int, *, reason: str
-    ) -> None:
-        """Send the message to the DLQ with its reason, then delete it here. ``reason``
-        (poison, missing or failed) labels the metric.
+    async def _come_back(self, run: ActiveRun, token: RunToken, delay: float) -> None:
+        """Make the message of a retry come back after ``delay``: its own, hidden for
+        that long, or else a fresh one. The record's ``retry_at`` holds off anything
+        that comes sooner."""
+        run.message_settled = True  # heartbeats leave its visibility alone from now on
+        seconds = math.ceil(delay)
+        held = time.monotonic() - run.received_at
+        if not run.message_deleted and held + seconds < SQS_MAX_VISIBILITY - 60:
+            try:
+                await self.queue.change_visibility(run.message.receipt_handle, seconds)
+                return
+            except Exception as exc:
+                # Deleted as a duplicate, a stale receipt handle, SQS failing: the
+                # retry must still come back.
+                log.warning("message.retry_visibility_failed", error=str(exc))
+        # DelaySeconds stops at 15 min: a longer backoff is the claim's to keep.
+        await self.queue.send(
+            build_message(
+                token.tenant_id, token.project_id, BuildReason.RETRY, attempt=token.attempt
+            ),
+            delay_seconds=min(seconds, SQS_MAX_DELAY),
+        )
+        self.delete(run)
 
-        A crash between the two leaves a duplicate in the DLQ, never a lost one.
+    async def _dead_letter(self, run: ActiveRun, letter: DeadLetter, *, reason: str) -> None:
+        """Send the message to the DLQ with its reason (recorded on its project, if it
+        has one), then delete it here. ``reason`` (poison, missing, failed or forwarded)
+        labels the metric.
+
+        The build message goes only once the DLQ holds its copy: a failed send leaves it
+        to come back, and a crash between the two a duplicate, never a lost one.
         """
-        await self.queue.dead_letter(
+        run.message_settled = True
+        build = run.token
+        await dead_letter(
+            self.queue,
+            self.store,
             run.message.body,
-            DeadLetter(error=error, attempts=attempts, worker_id=self.settings.worker_id),
+            letter,
+            tenant_id=build.tenant_id if build else _field(run, "tenant_id"),
+            project_id=build.project_id if build else _field(run, "project_id"),
         )
         self.delete(run)
         metrics.MESSAGES_DEAD_LETTERED.labels(reason=reason).inc()
-        log.warning("message.dead_lettered", error_type=error.type, error=error.message)
+        log.warning(
+            "message.dead_lettered", error_type=letter.error.type, error=letter.error.message
+        )
 
     async def _release(self, run: ActiveRun, result: RunResult) -> None:
         """Hand a run back: project QUEUED with its checkpoint, lease cleared, and a
@@ -274,3 +376,11 @@ class RunLifecycle:
     def lease_lost() -> None:
         metrics.LEASE_LOSSES.inc()
         log.warning("project.lease_lost")
+
+
+def _field(run: ActiveRun, name: str) -> str | None:
+    """``tenant_id`` or ``project_id`` of a message whose claim was refused (no token)."""
+    try:
+        return str(getattr(decode(run.message.body), name))
+    except MessageError:
+        return None

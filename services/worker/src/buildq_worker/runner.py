@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from buildq import limits
 from buildq.clock import now_iso
 from buildq.models import ErrorInfo, Project, StageSnapshot
 from buildq.store import RunToken
@@ -38,8 +39,10 @@ from buildq.workflows.base import (
 )
 from buildq_worker.checkpoints import LINGER_SECONDS, CheckpointWriter, StageWriter
 from buildq_worker.metrics import STAGE_SECONDS
+from buildq_worker.sync_stages import SyncStages
 
-MAX_OUTPUT_BYTES = 8 * 1024  # keeps the whole project item far below DynamoDB's 400 KB
+MAX_OUTPUT_BYTES = limits.MAX_STAGE_OUTPUT_BYTES  # the item stays under DynamoDB's 400 KB
+SYNC_STAGE_GRACE_SECONDS = 30.0  # the worker passes its own (sync_stage_grace_seconds)
 
 
 class RunStatus(StrEnum):
@@ -63,10 +66,12 @@ class StageOutputError(PermanentError):
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:
-    return ErrorInfo(type=type(exc).__name__, message=str(exc) or repr(exc))
+    return ErrorInfo.of(exc)  # bounded: a 600 KB compiler stderr is cut, with a marker
 
 
-def _checked_output(stage: str, output: Any) -> JsonObject | None:
+def _checked_output(stage: str, output: Any, budget: int) -> JsonObject | None:
+    """``output`` if it is a small JSON object within ``budget`` bytes (what the
+    project's other stage outputs leave of ``limits.MAX_TOTAL_OUTPUT_BYTES``)."""
     if output is None:
         return None
     if not isinstance(output, dict):
@@ -77,14 +82,20 @@ def _checked_output(stage: str, output: Any) -> JsonObject | None:
         raise StageOutputError(f"stage {stage!r} output is not JSON: {exc}") from None
     if size > MAX_OUTPUT_BYTES:
         raise StageOutputError(f"stage {stage!r} output is {size} bytes; max {MAX_OUTPUT_BYTES}")
+    if size > budget:
+        raise StageOutputError(
+            f"stage {stage!r} output is {size} bytes; the project's stage outputs may "
+            f"total {limits.MAX_TOTAL_OUTPUT_BYTES}, and {max(budget, 0)} are left"
+        )
     return output
 
 
-async def _call(stage: Stage, ctx: StageContext) -> Any:
+async def _call(stage: Stage, ctx: StageContext, sync_stages: SyncStages) -> Any:
     if inspect.iscoroutinefunction(stage.fn):
         return await stage.fn(ctx)
-    # Sync stage code runs in a thread so it never stalls heartbeats.
-    result = await asyncio.to_thread(stage.fn, ctx)
+    # Sync stage code runs in a thread so it never stalls heartbeats; a stopped one
+    # is waited for (see sync_stages).
+    result = await sync_stages.call(stage.name, stage.fn, ctx)
     if inspect.isawaitable(result):
         result = await result
     return result
@@ -100,6 +111,7 @@ async def run_workflow(
     default_stage_timeout: float,
     workflow_timeout: float,
     cancel_event: asyncio.Event,
+    sync_stages: SyncStages | None = None,
     checkpoint_linger: float = LINGER_SECONDS,
 ) -> RunResult:
     """Run the stages still pending, in order; resumed projects skip finished ones.
@@ -112,12 +124,18 @@ async def run_workflow(
     """
     task = asyncio.current_task()
     assert task is not None
+    threads = sync_stages or SyncStages(SYNC_STAGE_GRACE_SECONDS)
+
+    def lease_lost() -> None:
+        threads.lease_lost()  # a sync stage still running ends the process
+        task.cancel()
+
     writer = CheckpointWriter(
         store,
         token,
         log,
         on_cancel=cancel_event.set,
-        on_lease_lost=task.cancel,
+        on_lease_lost=lease_lost,
         linger=checkpoint_linger,
     )
     result = await _run_stages(
@@ -127,6 +145,7 @@ async def run_workflow(
         token,
         log,
         cancel_event,
+        threads,
         default_stage_timeout=default_stage_timeout,
         workflow_timeout=workflow_timeout,
     )
@@ -140,6 +159,7 @@ async def _run_stages(
     token: RunToken,
     log: Any,
     cancel_event: asyncio.Event,
+    sync_stages: SyncStages,
     *,
     default_stage_timeout: float,
     workflow_timeout: float,
@@ -164,6 +184,7 @@ async def _run_stages(
                 )
                 writer.write(*_present(finished, started))
                 finished = None
+            others = (snapshot for other, snapshot in snapshots.items() if other != name)
             result = await _run_stage(
                 project,
                 stage,
@@ -171,13 +192,16 @@ async def _run_stages(
                 token,
                 log,
                 cancel_event,
+                sync_stages,
                 stage_limit=stage.timeout if stage.timeout is not None else default_stage_timeout,
                 workflow_remaining=remaining,
                 workflow_timeout=workflow_timeout,
+                output_budget=limits.MAX_TOTAL_OUTPUT_BYTES - limits.total_output_bytes(others),
             )
             if isinstance(result, RunResult):
                 return result
             finished, started = result, None
+            snapshots[name] = result
     except asyncio.CancelledError:
         return RunResult(RunStatus.INTERRUPTED, _present(finished, _unstarted(started)))
     return RunResult(RunStatus.SUCCEEDED, _present(finished))
@@ -206,10 +230,12 @@ async def _run_stage(
     token: RunToken,
     log: Any,
     cancel_event: asyncio.Event,
+    sync_stages: SyncStages,
     *,
     stage_limit: float,
     workflow_remaining: float,
     workflow_timeout: float,
+    output_budget: int,
 ) -> StageSnapshot | RunResult:
     """Run one stage: its finished snapshot, or the RunResult that ends the run."""
     name = stage.name
@@ -233,7 +259,22 @@ async def _run_stage(
 
     try:
         async with deadline:
-            output = _checked_output(name, await _call(stage, ctx))
+            output = _checked_output(name, await _call(stage, ctx, sync_stages), output_budget)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the run is being stopped: a drain, a lease loss, the stage timeout
+        # The stage raised CancelledError itself (a library future cancelled under it,
+        # a cancelled gather child): a failure of the stage, not a stop of the run.
+        observe("failed")
+        error = ErrorInfo(
+            type="StageCancelledError",
+            message=f"stage {name!r} raised CancelledError without being cancelled",
+        )
+        stage_log.warning("stage.failed", error_type=error.type, error=error.message)
+        return RunResult(
+            RunStatus.FAILED, [stage_finished(started, now=now_iso(), error=error)], error=error
+        )
     except CancelledByRequestError as exc:
         observe("cancelled")
         stopped = stage_finished(started, now=now_iso(), error=_error_info(exc))

@@ -1,5 +1,8 @@
 """The sweeper: no accepted project is lost (invariant 2).
 
+A FAILED project stays in the index until the DLQ holds its failure; one found
+there past ``building_after`` is sent to the DLQ (FAILED ⇔ one DLQ entry).
+
 A project can be active with no message to wake it: the API died between its
 DynamoDB write and its SQS send, a message was lost, or a worker died while
 running a workflow longer than SQS's 12-hour visibility cap (after it had
@@ -27,12 +30,14 @@ from buildq.items import SWEEP_SHARDS
 from buildq.messages import BuildReason, build_message
 from buildq.models import ProjectStatus
 from buildq.queue import BuildQueue
-from buildq.store import ProjectStore
+from buildq.store import ProjectStore, SweepCandidate
+from buildq_worker.dead_letters import dead_letter, failure_of, needs_dead_letter
 
 log = structlog.get_logger()
 
 LOCK_NAME = "sweeper"
-BATCH = 100  # candidates per shard per pass
+BATCH = 100  # candidates per index read
+MAX_PER_PASS = 2_000  # projects one pass wakes at most; the rest are still due next pass
 EMF_NAMESPACE = "buildq"
 
 
@@ -112,29 +117,65 @@ class Sweeper:
         out.flush()
 
     async def sweep(self) -> int:
+        """One pass: every status's shards, each read with its own cutoff, so only what
+        is due is read (O(due), not O(backlog)); at most ``MAX_PER_PASS`` projects."""
         enqueued = 0
+        handled = 0
         now = epoch_ms()
-        cutoff = {
+        cutoffs = {
             ProjectStatus.QUEUED: now - self._queued_after_ms,
             ProjectStatus.BUILDING: now - self._building_after_ms,
+            # Indexed only until its failure is on the DLQ, which takes a moment.
+            ProjectStatus.FAILED: now - self._building_after_ms,
         }
-        earliest = max(cutoff.values())
-        for shard in range(SWEEP_SHARDS):
-            for candidate in await self.store.due_for_sweep(shard, before=earliest, limit=BATCH):
-                if candidate.sweep_at > cutoff.get(candidate.status, earliest):
-                    continue
-                # Mark first: a concurrent sweeper (or the project moving on) makes
-                # this a no-op; a crash before the send only delays it one period.
-                if not await self.store.mark_swept(candidate):
-                    continue
-                await self.queue.send(
-                    build_message(candidate.tenant_id, candidate.project_id, BuildReason.SWEEP)
-                )
-                enqueued += 1
-                log.info(
-                    "project.swept",
-                    project_id=candidate.project_id,
-                    tenant_id=candidate.tenant_id,
-                    status=candidate.status.value,
-                )
+        for status, before in cutoffs.items():
+            for shard in range(SWEEP_SHARDS):
+                # A marked project's clock moves past ``before``: each read brings
+                # the next ones due, until none is left.
+                while handled < MAX_PER_PASS:
+                    due = await self.store.due_for_sweep(shard, status, before=before, limit=BATCH)
+                    for candidate in due:
+                        handled += 1
+                        enqueued += await self._sweep_one(candidate)
+                    if len(due) < BATCH:
+                        break
         return enqueued
+
+    async def _sweep_one(self, candidate: SweepCandidate) -> int:
+        """Wake one due project; returns how many build messages that sent (0 or 1)."""
+        # Mark first: a concurrent sweeper (or the project moving on) makes this a
+        # no-op; a crash before the send only delays it one period.
+        if not await self.store.mark_swept(candidate, base_ms=self._queued_after_ms):
+            return 0
+        message = build_message(candidate.tenant_id, candidate.project_id, BuildReason.SWEEP)
+        if candidate.status is ProjectStatus.FAILED:
+            await self._dead_letter(candidate, message.encode())
+            return 0
+        await self.queue.send(message)
+        log.info(
+            "project.swept",
+            project_id=candidate.project_id,
+            tenant_id=candidate.tenant_id,
+            status=candidate.status.value,
+        )
+        return 1
+
+    async def _dead_letter(self, candidate: SweepCandidate, body: str) -> None:
+        """A FAILED project whose failure never reached the DLQ: send it there."""
+        project = await self.store.get(candidate.tenant_id, candidate.project_id)
+        if project is None or not needs_dead_letter(project):
+            return
+        await dead_letter(
+            self.queue,
+            self.store,
+            body,
+            failure_of(project, self.owner),
+            tenant_id=project.tenant_id,
+            project_id=project.project_id,
+        )
+        log.warning(
+            "project.dead_lettered_by_sweeper",
+            project_id=project.project_id,
+            tenant_id=project.tenant_id,
+            attempt=project.attempt,
+        )

@@ -147,7 +147,7 @@ class Worker:
         await self._best_effort(self.presence.beat)
         background = [
             asyncio.create_task(self._every(self.settings.presence_interval, self.presence.beat)),
-            asyncio.create_task(self._every(self.heartbeats.interval, self.heartbeats.beat)),
+            asyncio.create_task(self.heartbeats.run()),
             asyncio.create_task(self._every(self.settings.sweep_interval, self.sweeper.tick)),
             asyncio.create_task(self._watch_loop_lag()),
             asyncio.create_task(self.deleter.run()),
@@ -248,6 +248,20 @@ class Worker:
                 waiter.cancel()
 
     def _start(self, message: ReceivedMessage) -> None:
+        held = self._runs.get(message.message_id)
+        if held is not None:
+            # Its visibility ran out while this worker runs it: keep the one run, on
+            # the newest receipt handle (SQS honours only the latest).
+            held.adopt(message)
+            log.warning(
+                "message.redelivered_while_running",
+                message_id=message.message_id,
+                receive_count=message.receive_count,
+            )
+            if held.message_deleted:  # done with it already: this copy goes too
+                held.message_deleted = False
+                self.lifecycle.delete(held)
+            return
         run = ActiveRun(message=message)
         self._runs[message.message_id] = run
         run.task = asyncio.create_task(self._handle(run), name=f"message-{message.message_id}")

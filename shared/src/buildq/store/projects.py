@@ -259,7 +259,7 @@ class DynamoProjects(DynamoTable):
             .set("sweep_shard", sweep_shard(project_id))
             .set("sweep_at", epoch_ms())
             .set("cancel_requested", False)
-            .remove("finished_at")
+            .remove("finished_at", "sweep_backoff")
         )
         # Same attempt as read: a concurrent replay (or anything else) makes this lose.
         condition = (

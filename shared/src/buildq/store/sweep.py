@@ -7,6 +7,7 @@ and the workers need not agree on any threshold.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +16,8 @@ from buildq.errors import ConflictError
 from buildq.items import SWEEP_INDEX, SWEEP_SHARDS, project_key, shard_key
 from buildq.models import ProjectStatus
 from buildq.store.base import DynamoTable, Update
+
+SWEEP_BACKOFF_CAP_MS = 3_600_000  # a long wait is swept at least hourly
 
 
 @dataclass(frozen=True)
@@ -34,17 +37,18 @@ class SweepIndex(Protocol):
 
     async def oldest_queued_since(self) -> int | None: ...
     async def due_for_sweep(
-        self, shard: int, *, before: int, limit: int
+        self, shard: int, status: ProjectStatus, *, before: int, limit: int
     ) -> list[SweepCandidate]: ...
-    async def mark_swept(self, candidate: SweepCandidate) -> bool: ...
+    async def mark_swept(self, candidate: SweepCandidate, *, base_ms: int) -> bool: ...
 
 
 class DynamoSweepIndex(DynamoTable):
     """``SweepIndex`` on the projects table."""
 
     async def oldest_queued_since(self) -> int | None:
-        """When the longest-waiting QUEUED project was queued (epoch ms), from the
-        sweeper index: the age of the backlog without reading the queue."""
+        """When the longest-waiting QUEUED project was queued (epoch ms; a retry: when
+        it became due), from the QUEUED shards of the sweeper index: the age of the
+        backlog without reading the queue."""
         oldest: int | None = None
         for shard in range(SWEEP_SHARDS):
             response = await self._retry.call(
@@ -53,23 +57,20 @@ class DynamoSweepIndex(DynamoTable):
                 TableName=self._table,
                 IndexName=SWEEP_INDEX,
                 KeyConditionExpression="sweep_shard = :shard",
-                FilterExpression="#status = :queued",
-                ExpressionAttributeNames={"#status": "status"},
-                ExpressionAttributeValues={
-                    ":shard": {"S": shard_key(shard)},
-                    ":queued": {"S": ProjectStatus.QUEUED.value},
-                },
+                ExpressionAttributeValues={":shard": {"S": shard_key(shard, ProjectStatus.QUEUED)}},
                 ScanIndexForward=True,
-                Limit=100,
+                Limit=1,
             )
-            for item in response.get("Items", [])[:1]:
+            for item in response.get("Items", []):
                 since = int(item["sweep_at"]["N"])
                 oldest = since if oldest is None else min(oldest, since)
         return oldest
 
-    async def due_for_sweep(self, shard: int, *, before: int, limit: int) -> list[SweepCandidate]:
-        """Active projects of one index shard with ``sweep_at`` before ``before``, oldest
-        first."""
+    async def due_for_sweep(
+        self, shard: int, status: ProjectStatus, *, before: int, limit: int
+    ) -> list[SweepCandidate]:
+        """Projects in ``status`` of one index shard with ``sweep_at`` at or before
+        ``before``, oldest first: only what is due is read."""
         response = await self._retry.call(
             "Query(sweep)",
             self._client.query,
@@ -77,7 +78,7 @@ class DynamoSweepIndex(DynamoTable):
             IndexName=SWEEP_INDEX,
             KeyConditionExpression="sweep_shard = :shard AND sweep_at <= :before",
             ExpressionAttributeValues={
-                ":shard": {"S": shard_key(shard)},
+                ":shard": {"S": shard_key(shard, status)},
                 ":before": {"N": str(before)},
             },
             Limit=limit,
@@ -96,17 +97,40 @@ class DynamoSweepIndex(DynamoTable):
             )
         return candidates
 
-    async def mark_swept(self, candidate: SweepCandidate) -> bool:
-        """Restart the candidate's clock (``sweep_at`` = now), if nothing changed it
-        meanwhile; False if something did (another sweeper, or the project moved on)."""
-        update = Update().set("sweep_at", epoch_ms())
+    async def mark_swept(self, candidate: SweepCandidate, *, base_ms: int) -> bool:
+        """Restart the candidate's clock, if nothing changed it meanwhile; False if
+        something did (another sweeper, or the project moved on).
+
+        Each sweep of the same wait pushes the next one out further: the clock restarts
+        ``sweep_backoff`` ahead of now, and that doubles (from ``base_ms``, up to
+        ``SWEEP_BACKOFF_CAP_MS``), all in the one write. A project that waits in a long
+        backlog gets a duplicate message after 1, 2, 3, 5, 9… periods, not every
+        period, so duplicates do not swell the backlog. Back on the queue, the project
+        starts again from no backoff (``runs``).
+        """
+        update = Update()
+        clock, backoff = update.name("sweep_at"), update.name("sweep_backoff")
+        zero, half = update.value(0), update.value(max(base_ms // 2, 1))
+        update.sets.append(
+            f"{clock} = {update.value(epoch_ms())} + if_not_exists({backoff}, {zero})"
+        )
+        update.sets.append(
+            f"{backoff} = if_not_exists({backoff}, {half}) + if_not_exists({backoff}, {half})"
+        )
         condition = (
-            f"{update.name('sweep_at')} = {update.value(candidate.sweep_at)}"
+            f"{clock} = {update.value(candidate.sweep_at)}"
             f" AND {update.name('status')} = {update.value(candidate.status.value)}"
         )
         key = project_key(candidate.tenant_id, candidate.project_id)
         try:
-            await self._update(key, update, condition, what="sweep", returns="NONE")
+            new = await self._update(key, update, condition, what="sweep", returns="UPDATED_NEW")
         except ConflictError:
             return False
+        if int(new.get("sweep_backoff", {}).get("N", "0")) > SWEEP_BACKOFF_CAP_MS:
+            # Doubling past the cap: hold it there (a rare second write).
+            capped = Update().set("sweep_backoff", SWEEP_BACKOFF_CAP_MS)
+            with contextlib.suppress(ConflictError):
+                await self._update(
+                    key, capped, "attribute_exists(pk)", what="sweep", returns="NONE"
+                )
         return True
