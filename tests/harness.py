@@ -7,6 +7,7 @@ talks to the emulator over HTTP, exactly as in production.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -124,6 +125,24 @@ def start_process(name: str, argv: list[str], env: dict[str, str], log_dir: Path
     )
     handle.close()
     return Proc(name, popen, log_path)
+
+
+def skewed_clock_env(offset: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """What a process's environment needs for its wall clock to run ``offset`` off
+    ("+50s", "-30s"): the libfaketime shipped by the PyPI package ``libfaketime`` (the
+    dev group), preloaded. Monotonic clocks stay true: the event loop runs on them."""
+    spec = importlib.util.find_spec("libfaketime")
+    if spec is None or not spec.origin:
+        raise RuntimeError("libfaketime is not installed (make install)")
+    library = Path(spec.origin).parent / "vendor" / "libfaketime" / "src" / "libfaketime.so.1"
+    assert library.is_file(), f"libfaketime ships no {library}"
+    preload = " ".join(p for p in ((env or {}).get("LD_PRELOAD", ""), str(library)) if p)
+    return {
+        "LD_PRELOAD": preload,
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "DONT_FAKE_MONOTONIC": "1",  # the same, as older libfaketime spells it
+    }
 
 
 def aws_env(endpoint: str) -> dict[str, str]:
@@ -355,10 +374,16 @@ class Stack:
         return url
 
     def start_worker(self, **settings: Any) -> Proc:
-        """Start a ``buildq-worker`` with these settings (``worker_id`` = its name)."""
+        """Start a ``buildq-worker`` with these settings (``worker_id`` = its name);
+        with ``clock_offset`` ("+50s", "-30s"; not a setting) its wall clock is that
+        far off (``skewed_clock_env``)."""
         name = f"worker-{len([p for p in self.procs if p.name.startswith('worker')]) + 1}"
         settings.setdefault("worker_id", f"{name}-{self.suffix}")
-        proc = start_process(name, [str(BIN / "buildq-worker")], self.env(**settings), self.log_dir)
+        clock_offset: str | None = settings.pop("clock_offset", None)
+        env = self.env(**settings)
+        if clock_offset is not None:
+            env.update(skewed_clock_env(clock_offset, env))
+        proc = start_process(name, [str(BIN / "buildq-worker")], env, self.log_dir)
         self.procs.append(proc)
         wait_until(
             lambda: '"worker.started"' in proc.log() or not proc.alive(),

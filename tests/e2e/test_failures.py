@@ -340,7 +340,11 @@ def test_a_crash_loop_ends_in_failure_instead_of_running_again(stack: Stack) -> 
         claimed = None
         for n in (1, 2, 3):
             claimed = await store.claim(
-                TENANT, project.project_id, worker_id=f"ghost-{n}", lease_seconds=0.1
+                TENANT,
+                project.project_id,
+                worker_id=f"ghost-{n}",
+                lease_seconds=0.1,
+                margin_seconds=0,  # one process, one clock: no margin to allow for
             )
             await asyncio.sleep(0.2)  # the worker "dies": its lease runs out
         assert claimed is not None

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from buildq.clock import CLOCK_MARGIN_MS
 from buildq.errors import InvalidTransitionError
 from buildq.models import (
     TERMINAL_STATUSES,
@@ -205,14 +206,51 @@ def test_claim_refusal_building_with_live_lease() -> None:
 
 
 def test_claim_refusal_lease_expiring_this_millisecond_is_still_live() -> None:
-    # The store's condition is ``lease_expires_at < now``: equal means still held.
-    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS)
+    # The store's condition is ``lease_expires_at < now - margin``: equal means held.
+    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS - CLOCK_MARGIN_MS)
     assert claim_refusal(project, NOW_MS) is ClaimRefusal.LEASED
+    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS)
+    assert claim_refusal(project, NOW_MS, margin_ms=0) is ClaimRefusal.LEASED
 
 
 def test_claim_refusal_building_with_expired_lease_is_claimable() -> None:
-    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS - 1)
+    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS - CLOCK_MARGIN_MS - 1)
     assert claim_refusal(project, NOW_MS) is None
+
+
+@pytest.mark.parametrize("past_expiry_ms", [1, 1_000, CLOCK_MARGIN_MS - 1, CLOCK_MARGIN_MS])
+def test_claim_refusal_a_lease_is_live_until_the_clock_margin_past_its_expiry(
+    past_expiry_ms: int,
+) -> None:
+    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS - past_expiry_ms)
+    assert CLOCK_MARGIN_MS == 3_000  # BUILDQ_CLOCK_MARGIN_SECONDS's default
+    assert claim_refusal(project, NOW_MS) is ClaimRefusal.LEASED
+
+
+def test_claim_refusal_takes_the_margin_it_is_given() -> None:
+    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS - 1)
+    assert claim_refusal(project, NOW_MS, margin_ms=0) is None
+    project = make_project(S.BUILDING, attempt=1, lease_expires_at=NOW_MS - 9_999)
+    assert claim_refusal(project, NOW_MS, margin_ms=10_000) is ClaimRefusal.LEASED
+    assert claim_refusal(project, NOW_MS + 2, margin_ms=10_000) is None
+
+
+@pytest.mark.parametrize("holder_error_ms", [-1_500, -400, 0, 700, 1_500])
+@pytest.mark.parametrize("claimer_error_ms", [-1_500, -400, 0, 700, 1_500])
+def test_clocks_that_disagree_by_under_the_margin_never_take_a_live_lease(
+    holder_error_ms: int, claimer_error_ms: int
+) -> None:
+    """The holder writes its lease's expiry from its estimate of AWS's clock, the
+    claimer compares it with its own: each off by up to half the margin."""
+    lease_ms, margin = 4_000, CLOCK_MARGIN_MS
+    written_at = NOW_MS
+    expires = written_at + holder_error_ms + lease_ms
+    project = make_project(S.BUILDING, attempt=1, lease_expires_at=expires)
+    for true_now in range(written_at, written_at + lease_ms + 1, 250):  # while it lives
+        assert claim_refusal(project, true_now + claimer_error_ms) is ClaimRefusal.LEASED
+    # ... and it can be taken within the margin and the errors past its true expiry.
+    late = written_at + lease_ms + margin + abs(holder_error_ms) + abs(claimer_error_ms) + 1
+    assert claim_refusal(project, late + claimer_error_ms) is None
 
 
 def test_claim_refusal_building_without_lease_is_claimable() -> None:
@@ -259,7 +297,8 @@ def test_claimed_keeps_an_existing_started_at() -> None:
 
 
 def test_claimed_takes_over_an_expired_lease() -> None:
-    project = make_project(S.BUILDING, attempt=4, lease_expires_at=NOW_MS - 5, started_at=T0)
+    expired = NOW_MS - CLOCK_MARGIN_MS - 5
+    project = make_project(S.BUILDING, attempt=4, lease_expires_at=expired, started_at=T0)
     result = claimed(
         project, worker_id="worker-new", now=T1, now_ms=NOW_MS, lease_expires_at=NOW_MS + 9
     )
