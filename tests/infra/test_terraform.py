@@ -339,7 +339,9 @@ def test_the_alarms_watch_the_dlq_the_backlog_5xx_and_the_worker_s_lease_events(
     events = {entry["event"] for entry in services.locals["worker_log_alarms"].values()}
     assert events == {"project.lease_lost", "heartbeat.lease_failed"}
     # The worker still logs them under these names.
-    worker_source = (ROOT / "services/worker/src/buildq_worker/worker.py").read_text()
+    worker_source = "\n".join(
+        path.read_text() for path in (ROOT / "services/worker/src/buildq_worker").glob("*.py")
+    )
     for event in events:
         assert f'"{event}"' in worker_source, event
     log_filter = services.resource("aws_cloudwatch_log_metric_filter", "worker")

@@ -191,3 +191,33 @@ def test_the_module_s_time_is_the_process_clock_s(monkeypatch: pytest.MonkeyPatc
     assert abs(clock.parse_iso(clock.now_iso()).timestamp() - truth) < 0.021
     fixed = datetime(2026, 5, 1, 12, 0, 0, 250_000, tzinfo=UTC)
     assert clock.epoch_ms(fixed) == int(fixed.timestamp() * 1000)  # a given time is as is
+
+
+def test_time_never_runs_back_while_the_estimate_is_refined() -> None:
+    """A refined estimate can move the offset back by part of a second: the process's
+    time holds still meanwhile, so its intervals stay positive and in order (a run's
+    start and end, two runs of one slot)."""
+    machine = Machine(skew=0.0, rtt=0.01)
+    est = machine.clock()
+    seen = [est.time()]
+    for _ in range(40):
+        machine.call(est)
+        seen.append(est.time())
+    assert seen == sorted(seen)
+    assert abs(est.time() - machine.server_time) < 0.02
+
+
+def test_a_step_of_the_local_clock_is_not_held_back() -> None:
+    """Holding time still is only for refinements: when this machine's clock steps
+    30 s back, time follows at once (a 30 s freeze would stall every lease), and is on
+    the server's clock again as soon as the estimate has followed the step."""
+    machine = Machine(skew=0.0, rtt=0.01)
+    est = machine.clock()
+    for _ in range(10):
+        machine.call(est)
+    before = est.time()
+    machine.skew = -30.0
+    assert est.time() < before - 29  # not frozen at ``before``
+    for _ in range(10):
+        machine.call(est)
+    assert abs(est.time() - machine.server_time) < 0.05

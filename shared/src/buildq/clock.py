@@ -46,6 +46,7 @@ SAMPLE_MAX_AGE = 600.0  # s (monotonic): an older sample no longer counts
 SAMPLE_MAX_RTT = 2.0  # s: a slower response (a long poll) says too little to count
 STEP_SAMPLES = 4  # this many newest samples that agree, all against the estimate: a step
 LOG_CHANGE = 1.0  # s: log the offset again when it moves by more than this
+MAX_HELD_BACK = 2.0  # s: a refined estimate holds time back at most this far, never more
 
 CLOCK_MARGIN_SECONDS = 3.0
 """How long past its expiry a lease is taken over, by default (the setting
@@ -81,6 +82,7 @@ class ServerClock:
         self._error: float | None = None
         self._logged: float | None = None
         self._last_date: tuple[str, float] | None = None
+        self._last_time = 0.0
 
     @property
     def offset(self) -> float:
@@ -97,8 +99,17 @@ class ServerClock:
         return self._wall()
 
     def time(self) -> float:
-        """Now on the server's clock, epoch seconds."""
-        return self._wall() + self._offset
+        """Now on the server's clock, epoch seconds; never earlier than what it last
+        said when the estimate is refined by a little (an interval stays positive and
+        two times of one process keep their order); a real step (over
+        ``MAX_HELD_BACK`` back) is taken as it is."""
+        now = self._wall() + self._offset
+        with self._lock:
+            last = self._last_time
+            if last - MAX_HELD_BACK < now < last:
+                return last
+            self._last_time = now
+        return now
 
     def observe(self, date: object, *, sent: float, received: float) -> bool:
         """One response: its ``Date`` header, and the local wall-clock times its
