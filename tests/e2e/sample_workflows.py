@@ -80,3 +80,90 @@ WORKFLOWS = [
     Workflow(name="self-cancelling", stages=(Stage("work", self_cancelling),)),
     Workflow(name="loud", stages=(Stage("work", loud_failure),)),
 ]
+
+
+# -- ledgered workflows (the fault campaign, tests/faults/test_campaign.py) -------------------
+#
+# Every execution of a stage writes a "start" line to the ledger, and an "end" line once
+# it has done its work (before its injected failure, if any). An async stage stopped
+# mid-work (cancelled by request, or its task stopped: a lost lease, a drain) writes
+# "stop" instead. Only a process that died mid-stage leaves a start with neither. The
+# same failure injection as ``demo``.
+
+from typing import Literal  # noqa: E402 - appended section
+
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+from buildq.workflows.base import RetryableError  # noqa: E402
+
+
+class LedgeredParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ledger: str = Field(description="The ledger file every stage execution appends to")
+    stage_seconds: float = Field(0.2, ge=0, le=60)
+    fail_at_stage: str | None = None
+    fail_times: int | None = Field(None, ge=0)
+    fail_mode: Literal["transient", "permanent"] = "transient"
+
+
+def _injected_failure(ctx: StageContext) -> None:
+    params = LedgeredParameters.model_validate(ctx.parameters)
+    if params.fail_at_stage == ctx.stage and (
+        params.fail_times is None or ctx.attempt <= params.fail_times
+    ):
+        message = f"injected {params.fail_mode} failure in {ctx.stage!r} on attempt {ctx.attempt}"
+        if params.fail_mode == "permanent":
+            raise PermanentError(message)
+        raise RetryableError(message)
+
+
+async def ledgered_async(ctx: StageContext) -> JsonObject:
+    """An async stage: a cancellable sleep between its ledger lines."""
+    record(ctx, "start")
+    try:
+        await ctx.sleep(float(ctx.parameters.get("stage_seconds", 0.2)))
+    except BaseException:
+        record(ctx, "stop")
+        raise
+    record(ctx, "end")
+    _injected_failure(ctx)
+    return {"stage": ctx.stage, "attempt": ctx.attempt}
+
+
+def ledgered_sync(ctx: StageContext) -> JsonObject:
+    """A sync stage (run in a thread): a blocking sleep between its ledger lines, and
+    a checkpoint before its "end" (the effect), as a sync stage should have."""
+    record(ctx, "start")
+    time.sleep(float(ctx.parameters.get("stage_seconds", 0.2)))
+    try:
+        ctx.raise_if_cancelled()
+    except BaseException:
+        record(ctx, "stop")
+        raise
+    record(ctx, "end")
+    _injected_failure(ctx)
+    return {"stage": ctx.stage, "attempt": ctx.attempt}
+
+
+WORKFLOWS += [
+    # ``demo``'s four async stages, with a ledger.
+    Workflow(
+        name="ledgered-demo",
+        stages=tuple(
+            Stage(name, ledgered_async) for name in ("plan", "generate", "build", "package")
+        ),
+        parameters=LedgeredParameters,
+    ),
+    # Sync and async stages in turn.
+    Workflow(
+        name="ledgered",
+        stages=(
+            Stage("fetch", ledgered_async),
+            Stage("compile", ledgered_sync),
+            Stage("link", ledgered_async),
+            Stage("verify", ledgered_sync),
+        ),
+        parameters=LedgeredParameters,
+    ),
+]

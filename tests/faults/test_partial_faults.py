@@ -12,6 +12,7 @@ directly.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,78 @@ def test_a_sync_stage_that_never_returns_ends_its_worker_and_runs_elsewhere_afte
     lines = [json.loads(line) for line in ledger.read_text().splitlines()]
     assert [(ln["attempt"], ln["event"]) for ln in lines] == [(1, "start")]
     assert record(stack, project_id).lease_owner == f"worker-1-{stack.suffix}"
+
+
+# -- a frozen worker, a late claim -------------------------------------------------------------
+
+
+def _ledger(ledger: Path) -> list[dict[str, Any]]:
+    if not ledger.exists():
+        return []
+    return [json.loads(line) for line in ledger.read_text().splitlines()]
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_thawed_past_its_lease_stops_its_stage_at_the_next_checkpoint(
+    stack: Stack, samples: dict[str, Any], tmp_path: Path
+) -> None:
+    """Campaign finding A: a worker frozen (SIGSTOP) mid-stage past its lease, while
+    another took the project over and ran the stage, came back (SIGCONT) and its stage
+    wrote its "end" a few ms before the lease watch noticed: stage code of a stale run
+    went on beside the new owner's. Now a stage's checkpoint (``ctx.sleep``,
+    ``ctx.raise_if_cancelled``) checks the lease by the process's own clock first:
+    the stale execution stops there, whichever of its stages (sync or async)."""
+    stack.start_api(**samples)
+    first = stack.start_worker(**samples, **FAST)
+    ledger = tmp_path / "ledger.jsonl"
+    project_id = create(stack, "ledgered", ledger=str(ledger), stage_seconds=1.0)
+
+    def started(pid: int, stage: str) -> bool:
+        return any(
+            (ln["pid"], ln["stage"], ln["event"]) == (pid, stage, "start") for ln in _ledger(ledger)
+        )
+
+    wait_until(lambda: started(first.popen.pid, "compile"), timeout=20, what="compile")
+    first.signal(signal.SIGSTOP)  # mid-stage, its 1 s blocking sleep under way
+    try:
+        second = stack.start_worker(**samples, **FAST)
+        # The lease (2 s) runs out, plus the claim margin; the message comes back.
+        wait_until(lambda: started(second.popen.pid, "compile"), timeout=30, what="takeover")
+    finally:
+        first.signal(signal.SIGCONT)  # its sleep is long over: it resumes at once
+    assert final(stack, project_id)["status"] == "SUCCEEDED"
+    lines = _ledger(ledger)
+    stale = [(ln["stage"], ln["event"]) for ln in lines if ln["pid"] == first.popen.pid]
+    # Its compile stopped (or its process went, crash-only, before the checkpoint):
+    # never an "end", nor a stage after it.
+    assert stale[-1] in {("compile", "start"), ("compile", "stop")}, stale
+    assert ("compile", "end") not in stale
+    mine = [(ln["stage"], ln["event"]) for ln in lines if ln["pid"] == second.popen.pid]
+    assert mine[-2:] == [("verify", "start"), ("verify", "end")], mine
+
+
+def test_a_claim_that_answers_late_renews_its_lease_before_the_first_stage(
+    stack: Stack, samples: dict[str, Any], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Campaign finding B: a claim that took 2.5 s to answer (a slow DynamoDB) left
+    the run less lease than one heartbeat's wait, so the lease watch stopped it (and,
+    with a sync stage running, ended the process) right after it began. Now a late
+    claim is renewed before the first stage starts."""
+    stack.start_api(**samples)
+    stack.via(fault_proxy.url)
+    fault_proxy.add(
+        Fault(kind="delay", operation="UpdateItem", body_contains="claim_token", seconds=2.6)
+    )
+    worker = stack.start_worker(**samples, visibility_timeout=6, lease_seconds=3)
+    ledger = tmp_path / "ledger.jsonl"
+    project_id = create(stack, "ledgered", ledger=str(ledger), stage_seconds=0.3)
+    done = final(stack, project_id)
+    assert done["status"] == "SUCCEEDED"
+    assert done["attempt"] == 1
+    assert fault_proxy.injected[("delay", "UpdateItem")] == 1
+    assert worker.events("project.late_claim_renewed")
+    assert not worker.events("project.lease_expired_locally")
+    assert worker.alive()
 
 
 # -- redeliveries and heartbeats --------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_one_response_brackets_the_offset_within_a_second_and_the_round_trip() -
     est = machine.clock()
     assert machine.call(est)
     assert est.error is not None
-    assert est.error <= 0.5 + 0.2
+    assert est.error <= 1 + 0.2
     assert abs(est.offset - -50) <= est.error
     assert abs(est.time() - machine.server_time) <= est.error
 
@@ -81,9 +81,36 @@ def test_responses_at_different_points_of_a_second_narrow_it_to_about_a_round_tr
     for _ in range(40):
         machine.call(est)
     assert est.error is not None
-    assert est.error < 0.02
-    assert abs(est.offset + skew) < 0.02
-    assert abs(est.time() - machine.server_time) < 0.02
+    assert est.error < 0.05  # the range: about a round trip either side
+    assert abs(est.offset + skew) <= est.error
+    assert abs(est.time() - machine.server_time) <= est.error
+
+
+@pytest.mark.parametrize("skew", [0.0, 0.004, -0.004])
+def test_a_clock_the_headers_agree_with_is_not_moved(skew: float) -> None:
+    """A synced clock is more precise than a one-second Date: the offset stays 0
+    from the first response on, so two synced processes keep agreeing to the
+    millisecond instead of each carrying its own estimate's error (CI saw two
+    processes on one machine 0.24 s apart when the offset was the range's middle)."""
+    machine = Machine(skew=skew, rtt=0.01)
+    ests = [machine.clock(), machine.clock()]
+    for i in range(40):
+        machine.call(ests[i % 2])
+        assert [est.offset for est in ests[: i + 1]] == [0.0] * min(i + 1, 2)
+    assert ests[0].time() == ests[1].time() == machine.wall()
+
+
+def test_a_clock_the_headers_disagree_with_moves_by_the_least_they_require() -> None:
+    machine = Machine(skew=3.0, rtt=0.01)  # 3 s fast: no Date can be read as agreeing
+    est = machine.clock()
+    machine.call(est)
+    assert est.error is not None
+    # one response: the range is [date - received, date + 1 - sent], and the offset
+    # is its edge nearest to 0 (the truth lies at most the range's width below it)
+    assert est.offset - est.error <= -3.0 <= est.offset < -2.0
+    for _ in range(40):
+        machine.call(est)
+    assert abs(est.offset + 3.0) <= est.error < 0.05
 
 
 @pytest.mark.parametrize(
@@ -165,8 +192,8 @@ def test_the_offset_is_logged_when_first_estimated_and_when_it_moves_over_a_seco
             machine.call(est)
     offsets = [entry for entry in logs if entry["event"] == "clock.offset"]
     assert len(offsets) == 2, offsets
-    assert abs(offsets[0]["offset_ms"] + 50_000) <= 700
-    assert abs(offsets[1]["offset_ms"] + 52_000) <= 700
+    assert abs(offsets[0]["offset_ms"] + 50_000) <= 1200
+    assert abs(offsets[1]["offset_ms"] + 52_000) <= 1200
     assert offsets[0]["samples"] == 1
 
 

@@ -20,6 +20,7 @@ from buildq.workflows.base import (
     JsonObject,
     PermanentError,
     RetryableError,
+    RunStoppedError,
     Stage,
     StageContext,
     StageFn,
@@ -174,6 +175,7 @@ def run(
     cancel_hook: Callable[[asyncio.Event], None] | None = None,
     linger: float = 0.0,
     sync_stages: SyncStages | None = None,
+    owner: FakeOwner | None = None,
 ) -> tuple[RunResult, FakeStore]:
     project = project or claimed_project()
     store = store or FakeStore()
@@ -184,6 +186,8 @@ def run(
             cancel_event.set()
         if cancel_hook is not None:
             cancel_hook(cancel_event)
+        if owner is not None:
+            owner.task = asyncio.current_task()
         return await run_workflow(
             project=project,
             workflow=wf,
@@ -194,10 +198,29 @@ def run(
             workflow_timeout=workflow_timeout,
             cancel_event=cancel_event,
             sync_stages=sync_stages,
+            owner=owner,
             checkpoint_linger=linger,
         )
 
     return asyncio.run(scenario()), store
+
+
+@dataclass
+class FakeOwner:
+    """The run's hold on its lease (``ActiveRun``): held until ``until`` (monotonic);
+    losing it cancels the run's task, as ``ActiveRun.stop_workflow`` does."""
+
+    until: float = float("inf")
+    lost: list[str] = field(default_factory=list)
+    task: asyncio.Task[Any] | None = None
+
+    def holds_lease(self) -> bool:
+        return not self.lost and time.monotonic() < self.until
+
+    def lose_lease(self, event: str) -> None:
+        self.lost.append(event)
+        assert self.task is not None
+        self.task.cancel()
 
 
 RUNNING, SUCCEEDED, FAILED = StageStatus.RUNNING, StageStatus.SUCCEEDED, StageStatus.FAILED
@@ -605,6 +628,67 @@ def test_a_stage_raising_cancelled_error_itself_is_a_retryable_failure() -> None
     assert result.error is not None
     assert result.error.type == "StageCancelledError"
     assert store.record(result)["flaky"].status is FAILED
+
+
+# -- checkpoints past the lease --------------------------------------------------------------
+#
+# A process frozen mid-stage past its lease resumes where it was: its stage may reach
+# its next checkpoint before the lease watch (every 0.25 s) notices. The checkpoint
+# stops it there, and nothing after it runs.
+
+
+def test_an_async_stage_waking_past_its_lease_stops_at_its_checkpoint() -> None:
+    after: list[str] = []
+    owner = FakeOwner()
+
+    async def sleeper(ctx: StageContext) -> JsonObject:
+        owner.until = time.monotonic() + 0.02  # the lease runs out while it sleeps
+        await ctx.sleep(0.1)
+        after.append(ctx.stage)  # an effect: must not happen past the lease
+        return {}
+
+    wf = simple_workflow(Recorder(), {"generate": sleeper})
+    result, store = run(wf, owner=owner)
+    assert result.status is RunStatus.INTERRUPTED
+    assert after == []
+    assert owner.lost == ["project.lease_expired_locally"]
+    assert "build" not in store.record(result)
+
+
+def test_a_sync_stage_checking_past_its_lease_stops_without_ending_the_process() -> None:
+    """The thread stops at its checkpoint and returns: no stage code runs on, so the
+    lease loss needs no crash-only exit."""
+    after: list[str] = []
+    crashed: list[str] = []
+    owner = FakeOwner()
+
+    def blocking(ctx: StageContext) -> JsonObject:
+        owner.until = time.monotonic() + 0.02
+        time.sleep(0.1)  # frozen, say: no checkpoint in here
+        ctx.raise_if_cancelled()
+        after.append(ctx.stage)
+        return {}
+
+    def crash(reason: str, **fields: Any) -> NoReturn:
+        crashed.append(reason)
+        raise CrashOnlyError(reason)
+
+    wf = simple_workflow(Recorder(), {"build": blocking})
+    result, store = run(wf, owner=owner, sync_stages=SyncStages(5.0, exit=crash))
+    assert result.status is RunStatus.INTERRUPTED
+    assert (after, crashed) == ([], [])
+    assert owner.lost == ["project.lease_expired_locally"]
+    assert "package" not in store.record(result)
+
+
+def test_a_stage_raising_run_stopped_error_while_the_lease_holds_is_a_failure() -> None:
+    wf = simple_workflow(Recorder(), {"build": Recorder().raising(RunStoppedError("mine"))})
+    owner = FakeOwner()
+    result, _ = run(wf, owner=owner)
+    assert result.status is RunStatus.FAILED
+    assert result.error is not None
+    assert result.error.type == "RunStoppedError"
+    assert owner.lost == []
 
 
 # -- cancellation -------------------------------------------------------------------------------

@@ -11,17 +11,24 @@ with the local times the request went out and the response came back. Before the
 first response the offset is 0 (the local clock).
 
 ``Date`` is cut to the second, so one response says only that the offset lies in
-``[date - received, date + 1 - sent]``. The estimate is the midpoint of the range
-most of the recent samples agree on (Marzullo's algorithm, as NTP uses it): samples
-taken at different points of a second narrow it to about a round trip, a garbled
-or lying header is outvoted, a missing one is skipped, a response slower than 2 s
-(a long poll) is not a sample, and after a step of the local clock (the newest few
-samples agree with each other and not with the estimate) the older samples go. Its
-half-width (``CLOCK.error``) bounds how wrong the estimate can be: at most about
-half a second plus a round trip. The claim's margin (``clock_margin_seconds``)
-covers two processes' errors. The offset is logged (``clock.offset``) when first
-estimated and whenever it moves by over a second, and is the gauge
-``buildq_clock_offset_seconds``.
+``[date - received, date + 1 - sent]``. The samples are combined into the range most
+of the recent ones agree on (Marzullo's algorithm, as NTP uses it): samples taken at
+different points of a second narrow it to about a round trip, a garbled or lying
+header is outvoted, a missing one is skipped, a response slower than 2 s (a long
+poll) is not a sample, and after a step of the local clock (the newest few samples
+agree with each other and not with the range) the older samples go.
+
+The offset is the point of that range nearest to 0: the local clock is kept as
+long as the headers allow it, and otherwise moved by the least they require. A
+synced clock (NTP, the Amazon Time Sync Service) is far more precise than a
+one-second header, so processes whose clocks agree keep agreeing to the
+millisecond instead of each carrying its own estimate's error; a clock that is off
+by more than a round trip is corrected to within one. ``CLOCK.error`` bounds how
+wrong the offset can be (the range's far edge): at most about a second plus a round
+trip after the first response, a round trip once samples span a second. The
+claim's margin (``clock_margin_seconds``) covers two processes' errors. The offset
+is logged (``clock.offset``) when first estimated and whenever it moves by over a
+second, and is the gauge ``buildq_clock_offset_seconds``.
 
 Log lines keep the local clock's timestamps (structlog's): they say when this
 process thought it was.
@@ -86,7 +93,8 @@ class ServerClock:
 
     @property
     def offset(self) -> float:
-        """Server time minus local time, s (0 until the first sample)."""
+        """Server time minus local time, s: the nearest to 0 the samples allow (0 until
+        the first sample, and while the local clock agrees with them)."""
         return self._offset
 
     @property
@@ -128,7 +136,8 @@ class ServerClock:
             while self._samples and now - self._samples[0][0] > self._max_age:
                 self._samples.popleft()
             low, high = self._estimate()
-            self._offset, self._error = (low + high) / 2, (high - low) / 2
+            self._offset = min(max(0.0, low), high)
+            self._error = max(self._offset - low, high - self._offset)
             changed = self._logged is None or abs(self._offset - self._logged) > LOG_CHANGE
             if changed:
                 self._logged = self._offset

@@ -7,10 +7,18 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import structlog
+
 from buildq.queue import ReceivedMessage
 from buildq.store import RunToken
 from buildq_worker.runner import RunResult
 from buildq_worker.sync_stages import SyncStages
+
+log = structlog.get_logger()
+
+# A run stops this long before its lease could expire (at most a fifth of the lease):
+# the stage's cancellation needs a moment.
+LEASE_SAFETY_SECONDS = 1.0
 
 
 @dataclass
@@ -28,6 +36,7 @@ class ActiveRun:
     finishing: bool = False  # its workflow has ended: only its final writes remain
     sync_stages: SyncStages | None = None  # its sync stage threads, once it runs
     lease_until: float = 0.0  # monotonic: the lease lasts at least until then
+    lease_safety: float = LEASE_SAFETY_SECONDS  # stop this long before lease_until
     message_settled: bool = False  # the run's end has acted on the message: no heartbeats
 
     def adopt(self, message: ReceivedMessage) -> None:
@@ -35,6 +44,21 @@ class ActiveRun:
         out): only the newest receipt handle is honoured from now on."""
         self.message = message
         self.received_at = time.monotonic()
+
+    def holds_lease(self) -> bool:
+        """Whether this run may still act as the project's owner: its lease is not
+        lost, and by this process's own clock it cannot have run out. Thread-safe
+        (a sync stage's checkpoint calls it from the stage's thread)."""
+        return not self.lease_lost and time.monotonic() < self.lease_until - self.lease_safety
+
+    def lose_lease(self, event: str) -> None:
+        """Write nothing more, and stop the workflow: its project may be another
+        worker's now. A sync stage still running ends the process (see sync_stages)."""
+        self.lease_lost = True
+        log.warning(event, project_id=self.token and self.token.project_id)
+        if self.sync_stages is not None:
+            self.sync_stages.lease_lost()
+        self.stop_workflow()
 
     def stop_workflow(self) -> None:
         if self.workflow_task is not None and not self.workflow_task.done():

@@ -28,9 +28,6 @@ from buildq_worker.protection import TaskProtection
 log = structlog.get_logger()
 
 LEASE_WATCH_SECONDS = 0.25
-# Stop this long before the lease could expire (at most a fifth of it): the stage's
-# cancellation needs a moment.
-LEASE_SAFETY_SECONDS = 1.0
 
 
 class Heartbeats:
@@ -139,7 +136,7 @@ class Heartbeats:
             cancel = await self.store.extend_lease(run.token, self.settings.lease_seconds)
         except LeaseLostError:
             # Another worker owns the project now: stop at once, write nothing more.
-            self._lost(run, "project.lease_lost_seen")
+            run.lose_lease("project.lease_lost_seen")
             return
         # The new expiry was set after asked_at: the lease lasts at least this long.
         run.lease_until = max(run.lease_until, asked_at + self.settings.lease_seconds)
@@ -150,21 +147,11 @@ class Heartbeats:
     async def _watch_leases(self) -> None:
         """Stop a run whose lease may have run out by this process's own clock (no
         renewal has landed for a lease's length: DynamoDB unreachable, or the process
-        frozen), before another worker can take the project over."""
+        frozen), before another worker can take the project over. Stage code that
+        reaches a checkpoint first stops there (``ActiveRun.holds_lease``)."""
         while True:
             await asyncio.sleep(LEASE_WATCH_SECONDS)
-            now = time.monotonic()
-            safety = min(LEASE_SAFETY_SECONDS, self.settings.lease_seconds / 5)
             for run in self._runs():
                 watched = run.token is not None and not (run.lease_lost or run.finishing)
-                if watched and now >= run.lease_until - safety:
-                    self._lost(run, "project.lease_expired_locally")
-
-    def _lost(self, run: ActiveRun, event: str) -> None:
-        """Write nothing more for ``run``: its project may be another worker's now. A
-        sync stage still running ends the process (see sync_stages)."""
-        run.lease_lost = True
-        log.warning(event, project_id=run.token and run.token.project_id)
-        if run.sync_stages is not None:
-            run.sync_stages.lease_lost()
-        run.stop_workflow()
+                if watched and not run.holds_lease():
+                    run.lose_lease("project.lease_expired_locally")

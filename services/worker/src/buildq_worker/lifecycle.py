@@ -14,7 +14,7 @@ import structlog
 
 from buildq import limits
 from buildq.clock import epoch_ms
-from buildq.errors import MessageError, UnknownWorkflowError, WriteTooLargeError
+from buildq.errors import LeaseLostError, MessageError, UnknownWorkflowError, WriteTooLargeError
 from buildq.messages import BuildMessage, BuildReason, build_message, decode
 from buildq.models import ErrorInfo, Project, ProjectStatus
 from buildq.queue import BuildQueue, DeadLetter
@@ -30,7 +30,7 @@ from buildq.transitions import (
 )
 from buildq.workflows.registry import WorkflowRegistry
 from buildq_worker import metrics
-from buildq_worker.active import ActiveRun
+from buildq_worker.active import LEASE_SAFETY_SECONDS, ActiveRun
 from buildq_worker.dead_letters import dead_letter, failure_of, needs_dead_letter
 from buildq_worker.deleter import Deleter
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
@@ -94,6 +94,7 @@ class RunLifecycle:
         )
         run.attempts_used = project.attempts_used
         run.lease_until = asked_at + self.settings.lease_seconds
+        run.lease_safety = min(LEASE_SAFETY_SECONDS, self.settings.lease_seconds / 5)
         structlog.contextvars.bind_contextvars(attempt=project.attempt)
         lag = queue_lag(build, run.message)
         metrics.QUEUE_LAG_SECONDS.labels(
@@ -178,6 +179,8 @@ class RunLifecycle:
             return RunResult(RunStatus.FAILED, unstarted, error=error, permanent=True)
         if project.cancel_requested:
             run.cancel_event.set()
+        if not await self._lease_for_first_stage(run):
+            return RunResult(RunStatus.INTERRUPTED, unstarted)
         run.sync_stages = SyncStages(self.settings.sync_stage_grace_seconds)
         run.workflow_task = asyncio.create_task(
             run_workflow(
@@ -190,6 +193,7 @@ class RunLifecycle:
                 workflow_timeout=workflow.timeout or self.settings.workflow_timeout,
                 cancel_event=run.cancel_event,
                 sync_stages=run.sync_stages,
+                owner=run,
             )
         )
         if run.releasing:  # the drain deadline passed while this run was being claimed
@@ -202,6 +206,32 @@ class RunLifecycle:
                 raise  # this handler itself is being cancelled
             # Stopped before its first step: nothing ran, nothing else to checkpoint.
             return RunResult(RunStatus.INTERRUPTED, unstarted)
+
+    async def _lease_for_first_stage(self, run: ActiveRun) -> bool:
+        """Whether the run holds enough lease to start. A claim that came back late (a
+        slow or retried call) may leave less than the heartbeats need to renew it in
+        time: renew it now, before a stage starts, rather than lose it mid-stage."""
+        assert run.token is not None
+        lease = self.settings.lease_seconds
+        if run.lease_until - time.monotonic() >= lease / 2:
+            return True
+        asked_at = time.monotonic()
+        try:
+            cancel = await self.store.extend_lease(run.token, lease)
+        except LeaseLostError:
+            run.lose_lease("project.lease_lost_seen")
+            return False
+        except Exception as exc:  # the lease watch decides, below
+            log.warning("project.late_claim_renewal_failed", error=str(exc) or type(exc).__name__)
+        else:
+            run.lease_until = max(run.lease_until, asked_at + lease)
+            if cancel:
+                run.cancel_event.set()
+            log.info("project.late_claim_renewed")
+        if not run.holds_lease():
+            run.lose_lease("project.lease_expired_locally")
+            return False
+        return True
 
     async def _refused(self, run: ActiveRun, build: BuildMessage, exc: ClaimRefusedError) -> None:
         message = run.message

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from buildq import limits
 from buildq.clock import now_iso
@@ -33,6 +33,7 @@ from buildq.workflows.base import (
     JsonObject,
     PermanentError,
     RetryableError,
+    RunStoppedError,
     Stage,
     StageContext,
     Workflow,
@@ -59,6 +60,24 @@ class RunResult:
     error: ErrorInfo | None = None
     permanent: bool = False
     retry_delay: float | None = None  # a RetryableError's own delay, if it gave one
+
+
+class Owner(Protocol):
+    """The run's hold on its project (``ActiveRun``): stage checkpoints ask it."""
+
+    def holds_lease(self) -> bool: ...
+
+    def lose_lease(self, event: str) -> None: ...
+
+
+class _Unleased:
+    """A run with no lease to watch (the runner on its own, in tests)."""
+
+    def holds_lease(self) -> bool:
+        return True
+
+    def lose_lease(self, event: str) -> None:  # pragma: no cover: never lost
+        raise AssertionError(event)
 
 
 class StageOutputError(PermanentError):
@@ -112,6 +131,7 @@ async def run_workflow(
     workflow_timeout: float,
     cancel_event: asyncio.Event,
     sync_stages: SyncStages | None = None,
+    owner: Owner | None = None,
     checkpoint_linger: float = LINGER_SECONDS,
 ) -> RunResult:
     """Run the stages still pending, in order; resumed projects skip finished ones.
@@ -120,7 +140,8 @@ async def run_workflow(
     checkpoint to write (the last finished stage, the interrupted one PENDING again).
     The result's ``stages`` include every snapshot not yet written. Raises
     LeaseLostError if a write finds that another worker owns the project: the stage
-    then running is stopped at once.
+    then running is stopped at once. A stage checkpoint that finds ``owner``'s lease
+    run out stops the run as the worker's lease watch would.
     """
     task = asyncio.current_task()
     assert task is not None
@@ -146,6 +167,7 @@ async def run_workflow(
         log,
         cancel_event,
         threads,
+        owner or _Unleased(),
         default_stage_timeout=default_stage_timeout,
         workflow_timeout=workflow_timeout,
     )
@@ -160,6 +182,7 @@ async def _run_stages(
     log: Any,
     cancel_event: asyncio.Event,
     sync_stages: SyncStages,
+    owner: Owner,
     *,
     default_stage_timeout: float,
     workflow_timeout: float,
@@ -193,6 +216,7 @@ async def _run_stages(
                 log,
                 cancel_event,
                 sync_stages,
+                owner,
                 stage_limit=stage.timeout if stage.timeout is not None else default_stage_timeout,
                 workflow_remaining=remaining,
                 workflow_timeout=workflow_timeout,
@@ -231,6 +255,7 @@ async def _run_stage(
     log: Any,
     cancel_event: asyncio.Event,
     sync_stages: SyncStages,
+    owner: Owner,
     *,
     stage_limit: float,
     workflow_remaining: float,
@@ -248,6 +273,7 @@ async def _run_stage(
         idempotency_key=f"{project.project_id}:{name}",
         log=stage_log,
         cancel_event=cancel_event,
+        holds_run=owner.holds_lease,
     )
     deadline = asyncio.timeout(min(stage_limit, workflow_remaining))
     began = time.monotonic()
@@ -280,6 +306,13 @@ async def _run_stage(
         stopped = stage_finished(started, now=now_iso(), error=_error_info(exc))
         return RunResult(RunStatus.CANCELLED, [stopped])
     except Exception as exc:  # every failure of user code is reported, none escapes
+        if isinstance(exc, RunStoppedError) and not owner.holds_lease():
+            # A checkpoint found the lease run out before the lease watch did: stop the
+            # run as the watch would (nothing more is written), as if it were cancelled.
+            observe("stopped")
+            owner.lose_lease("project.lease_expired_locally")  # cancels this task
+            await asyncio.sleep(0)  # where that cancellation arrives
+            raise asyncio.CancelledError from None  # pragma: no cover: in case it did not
         if isinstance(exc, TimeoutError) and deadline.expired():
             observe("timed_out")
             if workflow_remaining < stage_limit:

@@ -16,6 +16,7 @@ timeout must never queue the next run's stages behind it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import threading
@@ -43,17 +44,19 @@ class SyncStages:
     def __init__(self, grace: float, *, exit: Callable[..., NoReturn] = crash_only) -> None:
         self.grace = grace
         self._exit = exit
-        self._running: dict[str, threading.Thread] = {}  # by stage name
+        # by stage name: set once the stage's code has returned (its thread then only
+        # hands the result over, which never runs stage code)
+        self._running: dict[str, threading.Event] = {}
 
     @property
     def busy(self) -> bool:
-        """Whether a stage thread of this run is still running."""
-        return any(thread.is_alive() for thread in self._running.values())
+        """Whether stage code of this run is still running in a thread."""
+        return any(not done.is_set() for done in self._running.values())
 
     def lease_lost(self) -> None:
         """The run lost its lease: a stage thread still running would run beside the
         next owner's, so it must die with this process."""
-        alive = [name for name, thread in self._running.items() if thread.is_alive()]
+        alive = [name for name, done in self._running.items() if not done.is_set()]
         if alive:
             self._exit("lease lost while a sync stage runs", stages=alive)
 
@@ -73,16 +76,19 @@ class SyncStages:
             else:
                 result.set_result(value)
 
+        done = threading.Event()
+
         def target() -> None:
             try:
-                value = fn(ctx)
+                outcome: tuple[Any, BaseException | None] = (fn(ctx), None)
             except BaseException as exc:  # delivered to the run, which reports it
-                loop.call_soon_threadsafe(deliver, None, exc)
-            else:
-                loop.call_soon_threadsafe(deliver, value, None)
+                outcome = (None, exc)
+            done.set()
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody left to tell
+                loop.call_soon_threadsafe(deliver, *outcome)
 
         thread = threading.Thread(target=target, name=f"stage-{name}", daemon=True)
-        self._running[name] = thread
+        self._running[name] = done
         thread.start()
         try:
             return await asyncio.shield(result)
@@ -90,7 +96,7 @@ class SyncStages:
             await self._outlive(name, returned, ctx.log)
             raise
         finally:
-            if not thread.is_alive():
+            if done.is_set():
                 self._running.pop(name, None)
 
     async def _outlive(self, name: str, returned: asyncio.Event, stage_log: Any) -> None:

@@ -8,6 +8,7 @@ functions run in a thread, so a blocking stage never stalls heartbeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +41,30 @@ class CancelledByRequestError(Exception):
     """Raised inside a stage when the project's cancellation was requested."""
 
 
+class RunStoppedError(Exception):
+    """Raised inside a stage at a checkpoint once this worker may no longer own the
+    run: its lease ran out by the worker's own clock (the process was frozen, or
+    DynamoDB unreachable), so another worker may be running the project now. The
+    stage must stop; the project goes on elsewhere, and nothing of this run is
+    written."""
+
+
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class StageContext:
-    """What a stage sees of its run."""
+    """What a stage sees of its run.
+
+    Its checkpoints, ``raise_if_cancelled()`` and ``sleep()``, raise when the stage
+    must stop: ``CancelledByRequestError`` when the project was cancelled,
+    ``RunStoppedError`` when this worker's lease may have run out. Code between two
+    checkpoints runs on, even past the lease (a process frozen mid-stage resumes
+    where it was), so a stage calls a checkpoint right before an effect that must
+    not happen twice at once, and makes that effect idempotent with
+    ``idempotency_key``. Both are safe to call from a sync stage's thread.
+    """
 
     project: Project
     stage: str
@@ -50,6 +72,7 @@ class StageContext:
     idempotency_key: str  # stable across attempts: project id + stage name
     log: Any  # a structlog logger bound with project, tenant, attempt, worker and stage
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    holds_run: Callable[[], bool] = _always  # the worker's check of its lease
 
     @property
     def parameters(self) -> JsonObject:
@@ -60,16 +83,21 @@ class StageContext:
         return self.cancel_event.is_set()
 
     def raise_if_cancelled(self) -> None:
+        """A checkpoint: raise if the project was cancelled or this worker may no
+        longer own the run."""
         if self.cancel_event.is_set():
             raise CancelledByRequestError(f"project {self.project.project_id} was cancelled")
+        if not self.holds_run():
+            raise RunStoppedError(
+                f"this worker's lease on project {self.project.project_id} may have run out"
+            )
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep, but wake up (and raise) at once if the project is cancelled."""
+        """Sleep, but wake up (and raise) at once if the project is cancelled; a
+        checkpoint before and after."""
         self.raise_if_cancelled()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.cancel_event.wait(), timeout=seconds)
-        except TimeoutError:
-            return
         self.raise_if_cancelled()
 
 
