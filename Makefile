@@ -20,10 +20,11 @@ export UV_PYTHON := $(PYTHON)
 # compile every module it imports at each start, slower and with a higher memory peak.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: help install run test lint fmt clean infra-check infra-fmt infra-lock
+.PHONY: help install run test lint fmt clean infra-check infra-fmt infra-lock \
+	test-localstack localstack-lock
 
 help: ## Show the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -69,6 +70,35 @@ infra-fmt: $(INFRA_TOOLS)/.installed ## Format infra/terraform
 infra-lock: $(UV) ## Re-pin the infra tools (infra/requirements-check.in -> .txt, with hashes)
 	$(UV) pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 		--custom-compile-command "make infra-lock" infra/requirements-check.in -o $(INFRA_LOCK)
+
+# LocalStack, the second SQS implementation (tests/localstack/server.py): its own Python
+# 3.13 venv from a hashed lock, never uv.lock. LOCALSTACK_PYTHON: the first Python 3.13
+# that runs, python3.13 on PATH (a pyenv shim that is not enabled fails) or pyenv's.
+LOCALSTACK_TOOLS := $(TOOLS)/localstack
+LOCALSTACK_LOCK := tests/localstack/requirements.txt
+LOCALSTACK_PYTHON ?= $(shell for p in python3.13 $(HOME)/.pyenv/versions/3.13.0/bin/python3.13; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' >/dev/null 2>&1 \
+	&& "$$p" -c 'import sys; print(sys.executable)' && break; done)
+# What `make test-localstack` runs with SQS on LocalStack (DynamoDB stays on moto).
+LOCALSTACK_SUITE ?= tests/localstack tests/adapters/test_queue.py tests/adapters/test_bootstrap.py \
+	tests/adapters/test_sweep.py tests/e2e/test_projects_flow.py tests/e2e/test_dlq_scan.py \
+	tests/faults/test_partial_faults.py \
+	tests/faults/test_campaign.py::test_randomized_fault_campaign
+
+$(LOCALSTACK_TOOLS)/.installed: $(UV) $(LOCALSTACK_LOCK)
+	@test -n "$(LOCALSTACK_PYTHON)" || { echo "no Python 3.13 found: set LOCALSTACK_PYTHON" >&2; exit 1; }
+	rm -rf $(LOCALSTACK_TOOLS)
+	$(UV) venv --quiet --python $(LOCALSTACK_PYTHON) $(LOCALSTACK_TOOLS)
+	$(UV) pip sync --quiet --require-hashes --python $(LOCALSTACK_TOOLS)/bin/python $(LOCALSTACK_LOCK)
+	@touch $@
+
+test-localstack: install $(LOCALSTACK_TOOLS)/.installed ## The SQS-facing tests and the fault campaign with SQS on LocalStack
+	BUILDQ_TEST_SQS=localstack BUILDQ_LOCALSTACK_PYTHON=$(CURDIR)/$(LOCALSTACK_TOOLS)/bin/python \
+		$(BIN)/pytest $(LOCALSTACK_SUITE) $(ARGS)
+
+localstack-lock: $(UV) ## Re-pin LocalStack (tests/localstack/requirements.in -> .txt, with hashes)
+	$(UV) pip compile --quiet --python-version 3.13 --generate-hashes \
+		--custom-compile-command "make localstack-lock" tests/localstack/requirements.in -o $(LOCALSTACK_LOCK)
 
 clean: ## Remove the virtualenvs and caches
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

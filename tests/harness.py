@@ -145,14 +145,24 @@ def skewed_clock_env(offset: str, env: dict[str, str] | None = None) -> dict[str
     }
 
 
-def aws_env(endpoint: str) -> dict[str, str]:
-    return {
+def aws_env(endpoint: str, sqs_endpoint: str | None = None) -> dict[str, str]:
+    """AWS settings for a process: everything at ``endpoint``, except SQS at
+    ``sqs_endpoint`` when given (botocore's service-specific ``AWS_ENDPOINT_URL_SQS``)."""
+    env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
     }
+    if sqs_endpoint is not None:
+        env["AWS_ENDPOINT_URL_SQS"] = sqs_endpoint
+    return env
+
+
+def _without_service_endpoints(env: dict[str, str]) -> dict[str, str]:
+    """``env`` less botocore's service-specific endpoints (``AWS_ENDPOINT_URL_<SERVICE>``)."""
+    return {key: value for key, value in env.items() if not key.startswith("AWS_ENDPOINT_URL_")}
 
 
 def _listening(port: int) -> bool:
@@ -188,7 +198,12 @@ class Stack:
     ``endpoint`` is where bootstrap and the test's own inspection (``client``,
     ``with_store``) go. The processes the stack starts (API, workers, CLI) use
     ``process_endpoint`` when it is set (``via``), e.g. a ``FaultProxy`` in front of
-    the emulator, so a test injects faults into them and still sees the truth."""
+    the emulator, so a test injects faults into them and still sees the truth.
+
+    ``sqs_endpoint``, when set (by default the test process's ``AWS_ENDPOINT_URL_SQS``:
+    LocalStack under ``BUILDQ_TEST_SQS=localstack``), is where SQS is instead, for the
+    test's own clients and for the processes; those started ``via`` a proxy send SQS
+    to the proxy too, which routes it there (``FaultProxy(upstreams=...)``)."""
 
     endpoint: str
     log_dir: Path
@@ -196,6 +211,9 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     api_url: str | None = None
     process_endpoint: str | None = None
+    sqs_endpoint: str | None = field(
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL_SQS") or None
+    )
 
     def via(self, endpoint: str) -> Stack:
         """Processes started from now on talk to AWS through ``endpoint``."""
@@ -216,8 +234,11 @@ class Stack:
 
     def env(self, **overrides: Any) -> dict[str, str]:
         env = {
-            **os.environ,
-            **aws_env(self.process_endpoint or self.endpoint),
+            **_without_service_endpoints(dict(os.environ)),
+            **aws_env(
+                self.process_endpoint or self.endpoint,
+                None if self.process_endpoint else self.sqs_endpoint,
+            ),
             "PYTHONUNBUFFERED": "1",
             "BUILDQ_TABLE_NAME": self.table_name,
             "BUILDQ_QUEUE_NAME": self.queue_name,
@@ -264,7 +285,9 @@ class Stack:
     def client(self, service: str) -> Any:
         return boto3.client(
             service,
-            endpoint_url=self.endpoint,
+            endpoint_url=self.sqs_endpoint
+            if service == "sqs" and self.sqs_endpoint
+            else self.endpoint,
             region_name="us-east-1",
             aws_access_key_id="test",
             aws_secret_access_key="test",

@@ -13,6 +13,13 @@ body with ``TableName`` / ``QueueUrl``.
         assert proxy.injected[("throttle", "PutItem")] == 3
         proxy.remove(rule)
 
+Each service can have its own upstream: ``FaultProxy(upstream=moto,
+upstreams={"sqs": localstack})`` forwards SQS requests to LocalStack and the rest to
+moto, so processes pointed at one proxy reach both. Without ``upstreams``, a service's
+upstream is the one the test process's own botocore clients use for it
+(``AWS_ENDPOINT_URL_SQS``, ``AWS_ENDPOINT_URL_DYNAMODB``: see tests/conftest.py's
+``emulator``), else ``upstream``; ``upstreams={}`` sends everything to ``upstream``.
+
 The proxy serves on 127.0.0.1 from a background thread with its own event loop, one
 task per client connection (keep-alive, no timeout of its own: a 20 s ReceiveMessage
 long poll passes). Nothing of buildq is touched: the faults are what the network and
@@ -24,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import socket
 import threading
@@ -65,6 +73,11 @@ _HOP_BY_HOP = frozenset(
         "expect",
     }
 )
+# botocore's service-specific endpoint variables, by the services the proxy tells apart.
+_ENDPOINT_VARIABLES: dict[str, str] = {
+    "dynamodb": "AWS_ENDPOINT_URL_DYNAMODB",
+    "sqs": "AWS_ENDPOINT_URL_SQS",
+}
 _REASONS = {200: "OK", 400: "Bad Request", 500: "Internal Server Error", 502: "Bad Gateway"}
 _MAX_HEAD = 64 * 1024
 
@@ -173,6 +186,14 @@ def _resources(value: Any) -> Iterator[str]:
             yield from _resources(inner)
 
 
+def _environment_upstreams() -> dict[str, str]:
+    """The service-specific endpoints of this process's environment, by service."""
+    found = {
+        service: os.environ.get(name, "").strip() for service, name in _ENDPOINT_VARIABLES.items()
+    }
+    return {service: url for service, url in found.items() if url}
+
+
 def _matches(fault: Fault, request: _Request) -> bool:
     if fault.operation is not None and fault.operation != request.operation:
         return False
@@ -186,8 +207,23 @@ def _matches(fault: Fault, request: _Request) -> bool:
 class FaultProxy:
     """The proxy; see the module's docstring."""
 
-    def __init__(self, upstream: str, *, seed: int | None = 0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        upstreams: Mapping[str, str] | None = None,
+        seed: int | None = 0,
+    ) -> None:
         self.upstream = upstream.rstrip("/")
+        if upstreams is None:
+            upstreams = _environment_upstreams()
+        unknown = set(upstreams) - set(_ENDPOINT_VARIABLES)
+        if unknown:
+            raise ValueError(f"no such service {sorted(unknown)}; one of {_ENDPOINT_VARIABLES}")
+        # Where each service's requests go (a request of no known service: ``upstream``).
+        self.upstreams: dict[str, str] = {
+            service: upstreams.get(service, upstream).rstrip("/") for service in _ENDPOINT_VARIABLES
+        }
         self.injected: Counter[tuple[str, str]] = Counter()
         self.requests: Counter[str] = Counter()
         self._rules: list[Rule] = []
@@ -368,9 +404,10 @@ class FaultProxy:
     async def _upstream(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes]:
         assert self._session is not None
         headers = [(k, v) for k, v in request.headers if k.lower() not in _HOP_BY_HOP]
+        upstream = self.upstreams.get(request.service or "", self.upstream)
         async with self._session.request(
             request.method,
-            self.upstream + request.target,
+            upstream + request.target,
             headers=headers,
             data=request.body,
             allow_redirects=False,

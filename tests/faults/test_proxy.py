@@ -52,7 +52,9 @@ def item(pk: str) -> dict[str, Any]:
 
 @pytest.fixture
 def proxy(emulator: str) -> Iterator[FaultProxy]:
-    with FaultProxy(upstream=emulator, seed=7) as started:
+    # upstreams={}: these tests are the proxy's against the emulator alone, whichever
+    # SQS the session uses (BUILDQ_TEST_SQS).
+    with FaultProxy(upstream=emulator, upstreams={}, seed=7) as started:
         yield started
 
 
@@ -226,7 +228,7 @@ def test_the_first_matching_rule_with_budget_left_applies(proxy: FaultProxy, tab
 
 
 def outcomes_with_seed(emulator: str, table: str, seed: int) -> list[bool]:
-    with FaultProxy(upstream=emulator, seed=seed) as proxy:
+    with FaultProxy(upstream=emulator, upstreams={}, seed=seed) as proxy:
         proxy.add(Fault(kind="error", operation="GetItem", probability=0.5))
         dynamodb = client("dynamodb", proxy.url)
         failed = []
@@ -311,7 +313,7 @@ def test_a_long_poll_passes_while_other_calls_go_through(
 
 
 def test_stop_closes_hanging_connections(emulator: str, table: str) -> None:
-    proxy = FaultProxy(upstream=emulator).start()
+    proxy = FaultProxy(upstream=emulator, upstreams={}).start()
     proxy.add(Fault(kind="hang", seconds=60))
     errors: list[BaseException] = []
 
@@ -329,3 +331,42 @@ def test_stop_closes_hanging_connections(emulator: str, table: str) -> None:
     caller.join(10)
     assert time.monotonic() - started < 5
     assert [type(error) for error in errors] == [ConnectionClosedError], errors
+
+
+def test_each_service_goes_to_its_own_upstream(emulator: str, table: str) -> None:
+    """With ``upstreams``, one proxy reaches DynamoDB on one endpoint and SQS on another
+    (as the LocalStack runs do: DynamoDB on moto, SQS on LocalStack). The SQS upstream
+    here is a second proxy that answers every SQS call itself, and counts them."""
+    with FaultProxy(upstream=emulator, upstreams={}) as sqs_side:
+        sqs_side.add(Fault(kind="respond", service="sqs", body={"QueueUrls": ["from-sqs-side"]}))
+        sqs_side.add(Fault(kind="error", service="dynamodb", code="WrongUpstream"))
+        with FaultProxy(upstream=emulator, upstreams={"sqs": sqs_side.url}) as proxy:
+            assert proxy.upstreams == {"dynamodb": emulator, "sqs": sqs_side.url}
+            dynamodb, sqs = client("dynamodb", proxy.url), client("sqs", proxy.url)
+            dynamodb.put_item(TableName=table, Item=item("a"))
+            assert dynamodb.get_item(TableName=table, Key=item("a"))["Item"] == item("a")
+            assert sqs.list_queues()["QueueUrls"] == ["from-sqs-side"]
+            # Faults are still the front proxy's, whichever upstream a request has.
+            proxy.add(Fault(kind="throttle", service="sqs", times=1))
+            code, _, _ = code_of(sqs.list_queues)
+            assert code == "RequestThrottled"
+            assert proxy.requests == {"PutItem": 1, "GetItem": 1, "ListQueues": 2}
+        assert sqs_side.requests == {"ListQueues": 1}
+        assert sqs_side.injected == {("respond", "ListQueues"): 1}
+
+
+def test_without_upstreams_the_services_endpoint_variables_are_the_upstreams(
+    emulator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``upstreams`` left out: a service's upstream is where this process's own botocore
+    clients send it (``AWS_ENDPOINT_URL_SQS``, set by the session under
+    BUILDQ_TEST_SQS=localstack), so a proxy made as ``FaultProxy(upstream=emulator)``
+    still reaches LocalStack's SQS."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", "http://127.0.0.1:9/")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB", raising=False)
+    proxy = FaultProxy(upstream=emulator)
+    assert proxy.upstreams == {"dynamodb": emulator, "sqs": "http://127.0.0.1:9"}
+    monkeypatch.delenv("AWS_ENDPOINT_URL_SQS")
+    assert FaultProxy(upstream=emulator).upstreams == {"dynamodb": emulator, "sqs": emulator}
+    with pytest.raises(ValueError, match="no such service"):
+        FaultProxy(upstream=emulator, upstreams={"s3": emulator})
