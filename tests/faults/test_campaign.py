@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.faults.history import (
@@ -55,6 +56,7 @@ OPERATIONS = (
     "GetItem",
     "Query",
     "PutItem",
+    "TransactWriteItems",
     "SendMessage",
     "ReceiveMessage",
     "ChangeMessageVisibility",
@@ -414,10 +416,12 @@ def test_randomized_fault_campaign(
     ledger.touch()
     # The redrive count: kills and redeliveries must not move a message to the DLQ.
     stack.bootstrap(max_attempts=50)
-    stack.start_api(workflows=SAMPLES)  # straight to the emulator: its 202s are reliable
     with FaultProxy(upstream=emulator, seed=seed) as proxy:
         try:
             stack.via(proxy.url)
+            # Through the proxy too: a POST may get a 503 (a client retries it under its
+            # Idempotency-Key) or land while its answer is lost.
+            stack.start_api(workflows=SAMPLES)
             t0 = time.monotonic()
             chaos = Chaos(stack, proxy, rng, t0, ledger)
             notes: list[str] = []
@@ -509,7 +513,7 @@ def _workload(
         now = time.monotonic()
         for entry in [c for c in cancels if c[0] <= now]:
             cancels.remove(entry)
-            http.post(f"/v1/projects/{entry[1]}/cancel")
+            _post(http, f"/v1/projects/{entry[1]}/cancel", None, key=None)
 
     with stack.http() as http:
         for index, spec in enumerate(specs):
@@ -519,9 +523,11 @@ def _workload(
                 time.sleep(min(0.05, max(0.0, due - time.monotonic())))
             if chaos.error is not None:
                 raise chaos.error
-            response = http.post(
+            response = _post(
+                http,
                 "/v1/projects",
-                json={"name": spec.kind, "workflow": spec.workflow, "parameters": spec.parameters},
+                {"name": spec.kind, "workflow": spec.workflow, "parameters": spec.parameters},
+                key=f"campaign-{index}",
             )
             if response.status_code != 202:
                 refused += 1
@@ -534,6 +540,26 @@ def _workload(
             cancel_due(http)
             time.sleep(0.05)
     return accepted, refused
+
+
+POST_TRIES = 5
+
+
+def _post(http: Any, path: str, body: dict[str, Any] | None, *, key: str | None) -> Any:
+    """A POST as a careful client sends it: a 5xx (or a lost answer) is tried again,
+    under the same Idempotency-Key, after the Retry-After the API gave."""
+    headers = {"Idempotency-Key": key} if key else {}
+    response = None
+    for _ in range(POST_TRIES):
+        try:
+            response = http.post(path, json=body, headers=headers)
+        except httpx.TransportError:
+            time.sleep(0.5)
+            continue
+        if response.status_code < 500:
+            return response
+        time.sleep(min(float(response.headers.get("Retry-After", 1)), 2.0))
+    return response if response is not None else httpx.Response(599)
 
 
 def test_the_fault_waves_cover_every_operation_and_kind() -> None:

@@ -379,6 +379,27 @@ def test_a_hung_sqs_does_not_starve_lease_renewal(stack: Stack, fault_proxy: Fau
     assert fault_proxy.injected[("hang", "ChangeMessageVisibilityBatch")] >= 1
 
 
+def test_a_slow_dynamodb_still_renews_every_lease(stack: Stack, fault_proxy: FaultProxy) -> None:
+    """Found by the chaos test under load: every lease renewal was cut at the round's
+    deadline (¾ of the 2 s interval here), so a DynamoDB answering in 1.8 s, slow but
+    working, renewed no lease: runs stopped and were claimed again. Now each renewal
+    is a task of its own that the round does not wait for (two in flight per run), and
+    a claim that answered that late is renewed before its first stage."""
+    stack.start_api()
+    stack.via(fault_proxy.url)
+    fault_proxy.add(Fault(kind="delay", operation="UpdateItem", seconds=1.8))
+    worker = stack.start_worker(visibility_timeout=30, lease_seconds=6)
+    with stack.http() as http:
+        project_id = create_demo(http, stage_seconds=3)  # 12 s: two leases
+    done = final(stack, project_id, timeout=60)
+    assert done["status"] == "SUCCEEDED"
+    assert done["attempt"] == 1
+    assert len(claims(stack, project_id)) == 1
+    assert not worker.events("project.lease_expired_locally")
+    assert worker.events("project.late_claim_renewed")
+    assert fault_proxy.injected[("delay", "UpdateItem")] >= 6
+
+
 # -- retries always come back -----------------------------------------------------------------
 
 

@@ -16,9 +16,10 @@ from buildq_worker.sync_stages import SyncStages
 
 log = structlog.get_logger()
 
-# A run stops this long before its lease could expire (at most a fifth of the lease):
-# the stage's cancellation needs a moment.
+# A run stops this long before its lease could expire (at most a tenth of the lease):
+# the stage's cancellation needs a moment. (A claimer waits the clock margin on top.)
 LEASE_SAFETY_SECONDS = 1.0
+RENEWALS_IN_FLIGHT = 2  # per run: a slow answer does not hold back the next renewal
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ActiveRun:
     sync_stages: SyncStages | None = None  # its sync stage threads, once it runs
     lease_until: float = 0.0  # monotonic: the lease lasts at least until then
     lease_safety: float = LEASE_SAFETY_SECONDS  # stop this long before lease_until
+    renewals: set[asyncio.Task[None]] = field(default_factory=set)  # in flight
     message_settled: bool = False  # the run's end has acted on the message: no heartbeats
 
     def adopt(self, message: ReceivedMessage) -> None:

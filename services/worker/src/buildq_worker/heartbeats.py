@@ -2,11 +2,13 @@
 well before either expires (invariant 4), a message held near SQS's 12 h cap is let go
 to run on the lease alone, and a lease found lost stops its run at once.
 
-Leases and visibilities are renewed by separate loops, at a fixed rate, each round
-cut at ``call_timeout`` (under the interval): one service hanging or failing never
-holds back the other. Each run also keeps the lease's end by this process's own
-monotonic clock (``lease_until``): past it, the run stops as if the lease were lost,
-which covers an unreachable DynamoDB and a process frozen past its lease alike.
+Leases and visibilities are renewed by separate loops, at a fixed rate: one service
+hanging or failing never holds back the other. A visibility round is cut at
+``call_timeout`` (under the interval); a lease renewal is a task of its own, which
+the round does not wait for, so a slow answer still renews its lease. Each run
+also keeps the lease's end by this process's own monotonic clock (``lease_until``):
+past it, the run stops as if the lease were lost, which covers an unreachable
+DynamoDB and a process frozen past its lease alike.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ from buildq.queue import BuildQueue
 from buildq.settings import WorkerSettings
 from buildq.store import ProjectStore
 from buildq_worker import metrics
-from buildq_worker.active import ActiveRun
+from buildq_worker.active import RENEWALS_IN_FLIGHT, ActiveRun
 from buildq_worker.protection import TaskProtection
 
 log = structlog.get_logger()
 
 LEASE_WATCH_SECONDS = 0.25
+
+
+def heartbeat_interval(settings: WorkerSettings) -> float:
+    """How often leases and visibilities are pushed out: well before either runs out."""
+    return max(0.2, min(settings.visibility_timeout, settings.lease_seconds) / 3)
 
 
 class Heartbeats:
@@ -50,9 +57,7 @@ class Heartbeats:
 
     @property
     def interval(self) -> float:
-        # Well before either the visibility timeout or the lease runs out.
-        shortest = min(self.settings.visibility_timeout, self.settings.lease_seconds)
-        return max(0.2, shortest / 3)
+        return heartbeat_interval(self.settings)
 
     @property
     def call_timeout(self) -> float:
@@ -116,18 +121,29 @@ class Heartbeats:
             log.warning("heartbeat.visibility_failed", message_ids=live)
 
     async def renew_leases(self) -> None:
-        claimed = [run for run in self._runs() if run.token is not None and not run.lease_lost]
-        outcomes = await asyncio.gather(
-            *(self._extend(run) for run in claimed), return_exceptions=True
-        )
-        for run, outcome in zip(claimed, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                metrics.HEARTBEAT_FAILURES.labels(kind="lease").inc()
-                log.warning(
-                    "heartbeat.lease_failed",
-                    project_id=run.token and run.token.project_id,
-                    error=str(outcome) or type(outcome).__name__,
-                )
+        """Send a renewal for every claimed run, up to ``RENEWALS_IN_FLIGHT`` each. The
+        round does not wait for them: a slow DynamoDB (answers in over the interval)
+        still renews every lease, each when its answer comes; a hung call holds its
+        place for the AWS retry budget at most."""
+        for run in self._runs():
+            if run.token is None or run.lease_lost:
+                continue
+            if len(run.renewals) >= RENEWALS_IN_FLIGHT:
+                continue
+            renewal = asyncio.create_task(self._renew(run))
+            run.renewals.add(renewal)
+            renewal.add_done_callback(run.renewals.discard)
+
+    async def _renew(self, run: ActiveRun) -> None:
+        try:
+            await self._extend(run)
+        except Exception as exc:
+            metrics.HEARTBEAT_FAILURES.labels(kind="lease").inc()
+            log.warning(
+                "heartbeat.lease_failed",
+                project_id=run.token and run.token.project_id,
+                error=str(exc) or type(exc).__name__,
+            )
 
     async def _extend(self, run: ActiveRun) -> None:
         assert run.token is not None

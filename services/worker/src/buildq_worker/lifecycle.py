@@ -33,6 +33,7 @@ from buildq_worker import metrics
 from buildq_worker.active import LEASE_SAFETY_SECONDS, ActiveRun
 from buildq_worker.dead_letters import dead_letter, failure_of, needs_dead_letter
 from buildq_worker.deleter import Deleter
+from buildq_worker.heartbeats import heartbeat_interval
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
 from buildq_worker.sync_stages import SyncStages
 from buildq_worker.timing import queue_lag
@@ -94,7 +95,7 @@ class RunLifecycle:
         )
         run.attempts_used = project.attempts_used
         run.lease_until = asked_at + self.settings.lease_seconds
-        run.lease_safety = min(LEASE_SAFETY_SECONDS, self.settings.lease_seconds / 5)
+        run.lease_safety = min(LEASE_SAFETY_SECONDS, self.settings.lease_seconds / 10)
         structlog.contextvars.bind_contextvars(attempt=project.attempt)
         lag = queue_lag(build, run.message)
         metrics.QUEUE_LAG_SECONDS.labels(
@@ -209,11 +210,12 @@ class RunLifecycle:
 
     async def _lease_for_first_stage(self, run: ActiveRun) -> bool:
         """Whether the run holds enough lease to start. A claim that came back late (a
-        slow or retried call) may leave less than the heartbeats need to renew it in
-        time: renew it now, before a stage starts, rather than lose it mid-stage."""
+        slow or retried call: over a quarter of the heartbeat interval) may leave less
+        than the next round's renewal needs to land in time: renew it now, before a
+        stage starts, rather than lose it mid-stage."""
         assert run.token is not None
         lease = self.settings.lease_seconds
-        if run.lease_until - time.monotonic() >= lease / 2:
+        if run.lease_until - time.monotonic() >= lease - heartbeat_interval(self.settings) / 4:
             return True
         asked_at = time.monotonic()
         try:

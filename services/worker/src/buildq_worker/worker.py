@@ -279,6 +279,8 @@ class Worker:
             log.exception("message.unhandled_error")
         finally:
             self._runs.pop(run.message.message_id, None)
+            for renewal in run.renewals:
+                renewal.cancel()  # the run is over: its lease is settled
             self._slot_freed.set()
 
     # -- background --------------------------------------------------------
