@@ -94,7 +94,7 @@ from typing import Literal  # noqa: E402 - appended section
 
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from buildq.workflows.base import RetryableError  # noqa: E402
+from buildq.workflows.demo import inject_failure  # noqa: E402
 
 
 class LedgeredParameters(BaseModel):
@@ -107,15 +107,14 @@ class LedgeredParameters(BaseModel):
     fail_mode: Literal["transient", "permanent"] = "transient"
 
 
-def _injected_failure(ctx: StageContext) -> None:
+def _ended(ctx: StageContext) -> JsonObject:
+    """The stage's work is done: its "end" line, then its injected failure, if any."""
+    record(ctx, "end")
     params = LedgeredParameters.model_validate(ctx.parameters)
-    if params.fail_at_stage == ctx.stage and (
-        params.fail_times is None or ctx.attempt <= params.fail_times
-    ):
-        message = f"injected {params.fail_mode} failure in {ctx.stage!r} on attempt {ctx.attempt}"
-        if params.fail_mode == "permanent":
-            raise PermanentError(message)
-        raise RetryableError(message)
+    inject_failure(
+        ctx, at_stage=params.fail_at_stage, times=params.fail_times, mode=params.fail_mode
+    )
+    return {"stage": ctx.stage, "attempt": ctx.attempt}
 
 
 async def ledgered_async(ctx: StageContext) -> JsonObject:
@@ -123,12 +122,10 @@ async def ledgered_async(ctx: StageContext) -> JsonObject:
     record(ctx, "start")
     try:
         await ctx.sleep(float(ctx.parameters.get("stage_seconds", 0.2)))
-    except BaseException:
+    except BaseException:  # stopped mid-work: "stop" instead of "end"
         record(ctx, "stop")
         raise
-    record(ctx, "end")
-    _injected_failure(ctx)
-    return {"stage": ctx.stage, "attempt": ctx.attempt}
+    return _ended(ctx)
 
 
 def ledgered_sync(ctx: StageContext) -> JsonObject:
@@ -138,12 +135,10 @@ def ledgered_sync(ctx: StageContext) -> JsonObject:
     time.sleep(float(ctx.parameters.get("stage_seconds", 0.2)))
     try:
         ctx.raise_if_cancelled()
-    except BaseException:
+    except BaseException:  # stopped mid-work: "stop" instead of "end"
         record(ctx, "stop")
         raise
-    record(ctx, "end")
-    _injected_failure(ctx)
-    return {"stage": ctx.stage, "attempt": ctx.attempt}
+    return _ended(ctx)
 
 
 WORKFLOWS += [

@@ -37,6 +37,24 @@ def heartbeat_interval(settings: WorkerSettings) -> float:
     return max(0.2, min(settings.visibility_timeout, settings.lease_seconds) / 3)
 
 
+async def renew_lease(run: ActiveRun, store: ProjectStore, lease_seconds: float) -> None:
+    """Push ``run``'s lease out once (the heartbeat's, and a late claim's). A lease found
+    taken stops the run; any other failure is raised, the lease watch covering it."""
+    assert run.token is not None
+    asked_at = time.monotonic()
+    try:
+        cancel = await store.extend_lease(run.token, lease_seconds)
+    except LeaseLostError:
+        # Another worker owns the project now: stop at once, write nothing more.
+        run.lose_lease("project.lease_lost_seen")
+        return
+    # The new expiry was set after asked_at: the lease lasts at least this long.
+    run.lease_until = max(run.lease_until, asked_at + lease_seconds)
+    if cancel and not run.cancel_event.is_set():
+        log.info("project.cancel_seen", project_id=run.token.project_id)
+        run.cancel_event.set()
+
+
 class Heartbeats:
     def __init__(
         self,
@@ -146,19 +164,7 @@ class Heartbeats:
             )
 
     async def _extend(self, run: ActiveRun) -> None:
-        assert run.token is not None
-        asked_at = time.monotonic()
-        try:
-            cancel = await self.store.extend_lease(run.token, self.settings.lease_seconds)
-        except LeaseLostError:
-            # Another worker owns the project now: stop at once, write nothing more.
-            run.lose_lease("project.lease_lost_seen")
-            return
-        # The new expiry was set after asked_at: the lease lasts at least this long.
-        run.lease_until = max(run.lease_until, asked_at + self.settings.lease_seconds)
-        if cancel and not run.cancel_event.is_set():
-            log.info("project.cancel_seen", project_id=run.token.project_id)
-            run.cancel_event.set()
+        await renew_lease(run, self.store, self.settings.lease_seconds)
 
     async def _watch_leases(self) -> None:
         """Stop a run whose lease may have run out by this process's own clock (no

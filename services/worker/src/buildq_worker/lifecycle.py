@@ -14,7 +14,7 @@ import structlog
 
 from buildq import limits
 from buildq.clock import epoch_ms
-from buildq.errors import LeaseLostError, MessageError, UnknownWorkflowError, WriteTooLargeError
+from buildq.errors import MessageError, UnknownWorkflowError, WriteTooLargeError
 from buildq.messages import BuildMessage, BuildReason, build_message, decode
 from buildq.models import ErrorInfo, Project, ProjectStatus
 from buildq.queue import BuildQueue, DeadLetter
@@ -33,7 +33,7 @@ from buildq_worker import metrics
 from buildq_worker.active import LEASE_SAFETY_SECONDS, ActiveRun
 from buildq_worker.dead_letters import dead_letter, failure_of, needs_dead_letter
 from buildq_worker.deleter import Deleter
-from buildq_worker.heartbeats import heartbeat_interval
+from buildq_worker.heartbeats import heartbeat_interval, renew_lease
 from buildq_worker.runner import RunResult, RunStatus, run_workflow
 from buildq_worker.sync_stages import SyncStages
 from buildq_worker.timing import queue_lag
@@ -217,18 +217,13 @@ class RunLifecycle:
         lease = self.settings.lease_seconds
         if run.lease_until - time.monotonic() >= lease - heartbeat_interval(self.settings) / 4:
             return True
-        asked_at = time.monotonic()
         try:
-            cancel = await self.store.extend_lease(run.token, lease)
-        except LeaseLostError:
-            run.lose_lease("project.lease_lost_seen")
-            return False
-        except Exception as exc:  # the lease watch decides, below
+            await renew_lease(run, self.store, lease)
+        except Exception as exc:  # the lease check below decides
             log.warning("project.late_claim_renewal_failed", error=str(exc) or type(exc).__name__)
         else:
-            run.lease_until = max(run.lease_until, asked_at + lease)
-            if cancel:
-                run.cancel_event.set()
+            if run.lease_lost:
+                return False
             log.info("project.late_claim_renewed")
         if not run.holds_lease():
             run.lose_lease("project.lease_expired_locally")

@@ -36,16 +36,27 @@ class DemoParameters(BaseModel):
     fail_mode: Literal["transient", "permanent"] = "transient"
 
 
+def inject_failure(
+    ctx: StageContext,
+    *,
+    at_stage: str | None,
+    times: int | None,
+    mode: Literal["transient", "permanent"],
+) -> None:
+    """Raise the injected failure if this stage and attempt are the ones asked for."""
+    if at_stage == ctx.stage and (times is None or ctx.attempt <= times):
+        message = f"injected {mode} failure in {ctx.stage!r} on attempt {ctx.attempt}"
+        if mode == "permanent":
+            raise PermanentError(message)
+        raise RetryableError(message)
+
+
 async def _run_stage(ctx: StageContext) -> JsonObject:
     params = DemoParameters.model_validate(ctx.parameters)
     await ctx.sleep(params.stage_seconds)
-    if params.fail_at_stage == ctx.stage and (
-        params.fail_times is None or ctx.attempt <= params.fail_times
-    ):
-        message = f"injected {params.fail_mode} failure in {ctx.stage!r} on attempt {ctx.attempt}"
-        if params.fail_mode == "permanent":
-            raise PermanentError(message)
-        raise RetryableError(message)
+    inject_failure(
+        ctx, at_stage=params.fail_at_stage, times=params.fail_times, mode=params.fail_mode
+    )
     return {"stage": ctx.stage, "attempt": ctx.attempt, "seconds": params.stage_seconds}
 
 
